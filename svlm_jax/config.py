@@ -1,0 +1,322 @@
+"""Static model configuration: frozen dataclasses read from / written to a HF `config.json`.
+
+Both the legacy hub layout (text keys at the top level, `rope_scaling`) and the transformers 5
+layout (`text_config`, `rope_parameters`) are read; transformers 5's layout is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from svlm_jax.model.rope import RESUME_RULES
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a supported model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower. `kind` selects Qwen2.5-VL (RMSNorm, SwiGLU, window attention) or Qwen2-VL
+    (LayerNorm, QuickGELU MLP, full attention everywhere)."""
+
+    kind: str
+    depth: int
+    hidden_size: int  # channels inside the tower (HF: hidden_size for 2.5, embed_dim for 2)
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int  # width of the merger output = the LM hidden size
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    window_size: int | None = 112  # pixels; None: no window attention (Qwen2-VL)
+    fullatt_block_indexes: tuple[int, ...] = ()
+    tokens_per_second: float | None = 2.0  # Qwen2.5-VL video time scale; None for Qwen2-VL
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one patch row: channels x temporal x patch x patch (1176 for Qwen)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_size is not None
+
+    @property
+    def window_merged(self) -> int:
+        """Side of an attention window in merged tokens (4 for 112 px)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    def full_attention_layers(self) -> tuple[bool, ...]:
+        return tuple((not self.windowed) or (i in self.fullatt_block_indexes) for i in range(self.depth))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The Qwen2 language model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vision: VisionConfig
+    text: TextConfig
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    # How text resumes after a vision block (see model/rope.py); identical for one-frame-pair seconds.
+    resume_rule: str = "max_hw"
+
+    def __post_init__(self):
+        _check(self.model_type in SUPPORTED_MODEL_TYPES,
+               f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        _check(self.resume_rule in RESUME_RULES, f"resume_rule must be one of {RESUME_RULES}")
+        t, v = self.text, self.vision
+        _check(t.hidden_size % t.num_heads == 0, "text hidden_size must be divisible by num_attention_heads")
+        _check(t.num_heads % t.num_kv_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads")
+        _check(2 * sum(t.mrope_section) == t.head_dim,
+               f"mrope_section {list(t.mrope_section)} must sum to head_dim/2 = {t.head_dim // 2}")
+        _check(v.hidden_size % v.num_heads == 0, "vision hidden size must be divisible by its num_heads")
+        _check(v.head_dim % 4 == 0, "vision head_dim must be divisible by 4 (2D rotary over h and w)")
+        _check(v.out_hidden_size == t.hidden_size,
+               f"vision out_hidden_size ({v.out_hidden_size}) must equal the text hidden_size ({t.hidden_size})")
+        _check(all(0 <= i < v.depth for i in v.fullatt_block_indexes),
+               f"fullatt_block_indexes {list(v.fullatt_block_indexes)} out of range for depth {v.depth}")
+        if v.windowed:
+            _check(v.window_size % (v.spatial_merge_size * v.patch_size) == 0,
+                   "vision window_size must be a multiple of spatial_merge_size * patch_size")
+        ids = (self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)
+        _check(all(0 <= i < t.vocab_size for i in ids), f"special token ids {ids} must lie inside vocab_size {t.vocab_size}")
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ModelConfig":
+        return _from_hf(cfg)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return _from_hf(cfg)
+
+    def to_dict(self) -> dict:
+        return _to_hf(self)
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _require(d: dict, key: str, where: str):
+    if key not in d:
+        raise ConfigError(f"config.json: missing key {key!r} in {where}")
+    return d[key]
+
+
+def _from_hf(cfg: dict) -> ModelConfig:
+    model_type = cfg.get("model_type")
+    _check(model_type in SUPPORTED_MODEL_TYPES,
+           f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    # transformers 5 nests text keys in text_config; the hub's original files keep them at the top.
+    text = {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")},
+            **cfg.get("text_config", {})}
+    vis = _require(cfg, "vision_config", "the top level")
+    rope = dict(text.get("rope_parameters") or {})
+    legacy_rope = text.get("rope_scaling") or {}
+    rope.setdefault("mrope_section", legacy_rope.get("mrope_section", [16, 24, 24]))
+    rope.setdefault("rope_theta", text.get("rope_theta", 1_000_000.0))
+    rope_type = rope.get("rope_type", legacy_rope.get("rope_type", legacy_rope.get("type", "default")))
+    _check(rope_type in ("default", "mrope"), f"rope type {rope_type!r} is not supported (only default M-RoPE)")
+    _check(not text.get("use_sliding_window", False), "use_sliding_window=true is not supported")
+    tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    t = TextConfig(
+        vocab_size=_require(text, "vocab_size", "text_config"),
+        hidden_size=_require(text, "hidden_size", "text_config"),
+        intermediate_size=_require(text, "intermediate_size", "text_config"),
+        num_layers=_require(text, "num_hidden_layers", "text_config"),
+        num_heads=_require(text, "num_attention_heads", "text_config"),
+        num_kv_heads=text.get("num_key_value_heads", text.get("num_attention_heads")),
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope["rope_theta"]),
+        mrope_section=tuple(rope["mrope_section"]),
+        tie_word_embeddings=bool(tie),
+    )
+    vrope = vis.get("rope_parameters") or {}
+    if model_type == "qwen2_5_vl":
+        _check(vis.get("hidden_act", "silu") == "silu", "Qwen2.5-VL vision hidden_act must be silu")
+        v = VisionConfig(
+            kind="qwen2_5_vl",
+            depth=_require(vis, "depth", "vision_config"),
+            hidden_size=_require(vis, "hidden_size", "vision_config"),
+            num_heads=_require(vis, "num_heads", "vision_config"),
+            intermediate_size=_require(vis, "intermediate_size", "vision_config"),
+            out_hidden_size=vis.get("out_hidden_size", t.hidden_size),
+            patch_size=vis.get("patch_size", 14),
+            temporal_patch_size=vis.get("temporal_patch_size", 2),
+            spatial_merge_size=vis.get("spatial_merge_size", 2),
+            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+            window_size=vis.get("window_size", 112),
+            fullatt_block_indexes=tuple(vis.get("fullatt_block_indexes", ())),
+            tokens_per_second=float(vis.get("tokens_per_second", 2)),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        )
+    else:
+        _check(vis.get("hidden_act", "quick_gelu") == "quick_gelu", "Qwen2-VL vision hidden_act must be quick_gelu")
+        embed_dim = _require(vis, "embed_dim", "vision_config")
+        v = VisionConfig(
+            kind="qwen2_vl",
+            depth=_require(vis, "depth", "vision_config"),
+            hidden_size=embed_dim,
+            num_heads=_require(vis, "num_heads", "vision_config"),
+            intermediate_size=int(embed_dim * vis.get("mlp_ratio", 4)),
+            out_hidden_size=vis.get("hidden_size", t.hidden_size),
+            patch_size=vis.get("patch_size", 14),
+            temporal_patch_size=vis.get("temporal_patch_size", 2),
+            spatial_merge_size=vis.get("spatial_merge_size", 2),
+            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+            window_size=None,
+            tokens_per_second=None,
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        )
+    return ModelConfig(
+        model_type=model_type, vision=v, text=t,
+        image_token_id=_require(cfg, "image_token_id", "the top level"),
+        video_token_id=_require(cfg, "video_token_id", "the top level"),
+        vision_start_token_id=cfg.get("vision_start_token_id", 151652),
+        vision_end_token_id=cfg.get("vision_end_token_id", 151653),
+    )
+
+
+def _to_hf(c: ModelConfig) -> dict:
+    t, v = c.text, c.vision
+    arch = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+    text = {
+        "model_type": f"{c.model_type}_text",
+        "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads, "hidden_act": "silu", "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": 128000, "use_sliding_window": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
+                            "mrope_section": list(t.mrope_section)},
+    }
+    common = {"depth": v.depth, "num_heads": v.num_heads, "patch_size": v.patch_size,
+              "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+              "in_channels": v.in_channels,
+              "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
+    if c.model_type == "qwen2_5_vl":
+        vision = {**common, "model_type": "qwen2_5_vl_vision", "hidden_size": v.hidden_size,
+                  "intermediate_size": v.intermediate_size, "out_hidden_size": v.out_hidden_size,
+                  "hidden_act": "silu", "window_size": v.window_size,
+                  "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                  "tokens_per_second": _number(v.tokens_per_second)}
+    else:
+        vision = {**common, "model_type": "qwen2_vl_vision", "embed_dim": v.hidden_size,
+                  "mlp_ratio": _number(v.intermediate_size / v.hidden_size), "hidden_size": v.out_hidden_size,
+                  "hidden_act": "quick_gelu"}
+    return {
+        "architectures": [arch[c.model_type]], "model_type": c.model_type,
+        "text_config": text, "vision_config": vision,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
+        "vision_start_token_id": c.vision_start_token_id, "vision_end_token_id": c.vision_end_token_id,
+    }
+
+
+def _number(x: float) -> int | float:
+    """Integral floats as ints: transformers' config classes type-check these fields."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _qwen25(hidden, inter, layers, heads, kv, vocab, tie, vis_inter) -> ModelConfig:
+    return ModelConfig(
+        model_type="qwen2_5_vl",
+        vision=VisionConfig(kind="qwen2_5_vl", depth=32, hidden_size=1280, num_heads=16,
+                            intermediate_size=vis_inter, out_hidden_size=hidden,
+                            fullatt_block_indexes=(7, 15, 23, 31)),
+        text=TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                        num_heads=heads, num_kv_heads=kv, tie_word_embeddings=tie),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def _qwen2(hidden, inter, layers, heads, kv, vocab, tie) -> ModelConfig:
+    return ModelConfig(
+        model_type="qwen2_vl",
+        vision=VisionConfig(kind="qwen2_vl", depth=32, hidden_size=1280, num_heads=16, intermediate_size=5120,
+                            out_hidden_size=hidden, window_size=None, tokens_per_second=None),
+        text=TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                        num_heads=heads, num_kv_heads=kv, tie_word_embeddings=tie),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def tiny(model_type: str = "qwen2_5_vl", *, vocab_size: int = 512, tie_word_embeddings: bool = False) -> ModelConfig:
+    """A few-hundred-kB model for tests and the bundled demo; special tokens at the top of the vocab."""
+    if model_type == "qwen2_5_vl":
+        vision = VisionConfig(kind="qwen2_5_vl", depth=4, hidden_size=32, num_heads=2, intermediate_size=48,
+                              out_hidden_size=64, fullatt_block_indexes=(1, 3))
+    else:
+        vision = VisionConfig(kind="qwen2_vl", depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                              out_hidden_size=64, window_size=None, tokens_per_second=None)
+    return ModelConfig(
+        model_type=model_type, vision=vision,
+        text=TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3),
+                        tie_word_embeddings=tie_word_embeddings),
+        image_token_id=vocab_size - 3, video_token_id=vocab_size - 2,
+        vision_start_token_id=vocab_size - 5, vision_end_token_id=vocab_size - 4)
+
+
+PRESETS = {
+    "qwen2.5-vl-3b": _qwen25(2048, 11008, 36, 16, 2, 151936, True, 3420),
+    "qwen2.5-vl-7b": _qwen25(3584, 18944, 28, 28, 4, 152064, False, 3420),
+    "qwen2.5-vl-32b": _qwen25(5120, 27648, 64, 40, 8, 152064, False, 3456),
+    "qwen2.5-vl-72b": _qwen25(8192, 29568, 80, 64, 8, 152064, False, 3456),
+    "qwen2-vl-2b": _qwen2(1536, 8960, 28, 12, 2, 151936, True),
+    "qwen2-vl-7b": _qwen2(3584, 18944, 28, 28, 4, 152064, False),
+    "tiny": tiny("qwen2_5_vl"),
+    "tiny-qwen2-vl": tiny("qwen2_vl"),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random HF Qwen2.5-VL / Qwen2-VL checkpoints written to disk (the oracle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+VOCAB = 400
+IMAGE, VIDEO, VSTART, VEND = 390, 391, 388, 389
+
+
+def hf_config(model_type: str, *, tie: bool = False):
+    """A tiny transformers config built with transformers' own classes (independent of ours)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=None, eos_token_id=None)
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART,
+               vision_end_token_id=VEND, tie_word_embeddings=tie)
+    if model_type == "qwen2_5_vl":
+        vision = dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=64,
+                      fullatt_block_indexes=[1], tokens_per_second=2, window_size=112)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def perturbed_hf_model(model_type: str, seed: int, *, tie: bool = False):
+    """A random HF model in eval mode, every parameter (norms and biases too) perturbed."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    cls = Qwen2_5_VLForConditionalGeneration if model_type == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(hf_config(model_type, tie=tie)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl"])
+def hf_checkpoint(request, tmp_path_factory):
+    """(model_type, HF torch model, directory it was saved to)."""
+    model = perturbed_hf_model(request.param, seed=hash(request.param) % 1000)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, model, path
+
+
+@pytest.fixture(scope="session")
+def ours_f32(hf_checkpoint):
+    import svlm_jax
+
+    return svlm_jax.load_pretrained(hf_checkpoint[2], dtype="float32")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()
