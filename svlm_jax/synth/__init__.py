@@ -1,0 +1,30 @@
+"""The embedded default task: a synthetic football match that never ends, its frames, and its
+ground-truth commentary (world -> render -> commentary -> dataset)."""
+
+from svlm_jax.synth.commentary import (
+    Commentator,
+    Fact,
+    SecondScore,
+    SecondTruth,
+    Word,
+    parse_facts,
+    score_commentary,
+    summarize_scores,
+)
+from svlm_jax.synth.dataset import (
+    DatasetConfig,
+    StreamSecond,
+    StreamWindow,
+    stream_seconds,
+    stream_window,
+    write_dataset,
+)
+from svlm_jax.synth.render import RenderConfig, render_frame, render_second
+from svlm_jax.synth.world import Event, Match, MatchConfig, SecondRecord
+
+__all__ = [
+    "Commentator", "DatasetConfig", "Event", "Fact", "Match", "MatchConfig", "RenderConfig",
+    "SecondRecord", "SecondScore", "SecondTruth", "StreamSecond", "StreamWindow", "Word",
+    "parse_facts", "render_frame", "render_second", "score_commentary", "stream_seconds",
+    "stream_window", "summarize_scores", "write_dataset",
+]

@@ -1,0 +1,135 @@
+"""Synthetic match streams as training samples (METHOD.md §4 JSONL + mp4) or in memory.
+
+One mp4 per stream (seed): H.264 (libx264, yuv444p so the team colours keep full resolution)
+at `fps` frames per second. Frame i (pts i / fps) shows the match at time (i + 1) / fps: the
+frame-end convention, so second s is frames s * fps .. (s + 1) * fps - 1.
+
+Each stream is cut into consecutive clips of `clip_seconds`, one JSONL line each:
+  video        path of the mp4, relative to the JSONL file's folder
+  video_start  clip start, seconds on the video's timeline
+  video_end    clip end (exclusive), same timeline
+  text_stream  [start, end, word] for every word whose end falls in [video_start, video_end),
+               times on the same timeline (not relative to video_start)
+  previous     all commentary before video_start as one text (omitted for the first clip)
+"""
+
+import json
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+
+from svlm_jax.synth.commentary import Commentator, SecondTruth
+from svlm_jax.synth.render import RenderConfig, render_second
+from svlm_jax.synth.world import Match, MatchConfig
+
+VIDEO_CODEC = "libx264"
+VIDEO_PIXEL_FORMAT = "yuv444p"
+
+
+@dataclass(frozen=True)
+class StreamSecond:
+    second: int
+    frames: np.ndarray | None  # (fps, height, width, 3) uint8; None when not rendered
+    truth: SecondTruth
+
+
+@dataclass(frozen=True)
+class StreamWindow:
+    teams: tuple[str, str]  # (home, away)
+    start: int  # first second
+    end: int  # one past the last second
+    frames: np.ndarray  # ((end - start) * fps, height, width, 3) uint8
+    truths: tuple[SecondTruth, ...]  # seconds start .. end - 1
+    previous: str  # all commentary before `start`
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    streams: int = 8
+    minutes: int = 10
+    first_seed: int = 0  # stream k uses seed first_seed + k
+    clip_seconds: int = 60
+    render: RenderConfig = field(default_factory=RenderConfig)
+
+
+def stream_seconds(match_config: MatchConfig, render_config: RenderConfig = RenderConfig(),
+                   render_from: int = 0) -> Iterator[StreamSecond]:
+    """Every second of the match from second 0, forever; seconds before `render_from` come
+    without frames, which makes fast-forwarding cheap."""
+    match = Match(match_config)
+    commentator = Commentator(match.teams)
+    for record in match:
+        frames = render_second(record, match.teams, render_config) if record.second >= render_from else None
+        yield StreamSecond(record.second, frames, commentator.comment(record))
+
+
+def stream_window(match_config: MatchConfig, start: int, end: int,
+                  render_config: RenderConfig = RenderConfig()) -> StreamWindow:
+    """Frames and ground truth for seconds [start, end), without touching files."""
+    previous, frames, truths = [], [], []
+    for item in stream_seconds(match_config, render_config, render_from=start):
+        if item.second >= end:
+            break
+        if item.frames is None:
+            previous.append(item.truth.text)
+        else:
+            frames.append(item.frames)
+            truths.append(item.truth)
+    teams = Match(match_config).teams
+    return StreamWindow(teams, start, end, np.concatenate(frames), tuple(truths),
+                        " ".join(text for text in previous if text))
+
+
+def write_video(path: Path, frames: Iterable[np.ndarray], fps: int, height: int, width: int) -> None:
+    """Encode (height, width, 3) uint8 RGB frames into an mp4 at `fps`."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(VIDEO_CODEC, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, VIDEO_PIXEL_FORMAT
+        stream.options = {"crf": "10"}  # near-lossless: small flat shapes must survive
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _frames_recording_truths(items: Iterable[StreamSecond],
+                             truths: list[SecondTruth]) -> Iterator[np.ndarray]:
+    """The frames of `items`, appending each second's truth to `truths` on the way (streaming:
+    a long video is never held in memory)."""
+    for item in items:
+        truths.append(item.truth)
+        yield from item.frames
+
+
+def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
+    """Write `config.streams` streams of `config.minutes` minutes; return the JSONL path."""
+    out_dir = Path(out_dir)
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    jsonl_path = out_dir / "samples.jsonl"
+    seconds = config.minutes * 60
+    with jsonl_path.open("w") as jsonl:
+        for k in range(config.streams):
+            seed = config.first_seed + k
+            video = Path("videos") / f"stream_{seed:05d}.mp4"
+            truths: list[SecondTruth] = []  # filled while the frames stream into the encoder
+            items = islice(stream_seconds(MatchConfig(seed), config.render), seconds)
+            frames = _frames_recording_truths(items, truths)
+            write_video(out_dir / video, frames, config.render.fps, config.render.height, config.render.width)
+            for start in range(0, seconds, config.clip_seconds):
+                end = min(start + config.clip_seconds, seconds)
+                sample = {
+                    "video": str(video),
+                    "video_start": float(start),
+                    "video_end": float(end),
+                    "text_stream": [list(word) for truth in truths[start:end] for word in truth.words],
+                }
+                previous = " ".join(truth.text for truth in truths[:start] if truth.words)
+                if previous:
+                    sample["previous"] = previous
+                jsonl.write(json.dumps(sample) + "\n")
+    return jsonl_path
