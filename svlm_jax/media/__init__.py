@@ -1,0 +1,1 @@
+"""Video input, vision preprocessing and subtitle output."""
