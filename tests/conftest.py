@@ -60,3 +60,43 @@ def ours_f32(hf_checkpoint):
 @pytest.fixture
 def rng():
     return np.random.default_rng()
+
+
+STREAM_CORPUS = ["Red passes. Blue shoots! Goal for Red! Red 1 Blue 0. Foul by Blue, number 2. Still Red 1 Blue 0.",
+                 "Time=12.0-13.0s user assistant system previous text You are a helpful assistant.",
+                 "Commentate on this match ... Saved by Blue. Wide from Red. Yellow wins the ball."]
+
+
+@pytest.fixture(scope="session")
+def stream_tokenizer(tmp_path_factory):
+    """A tiny byte-level BPE with Qwen's special tokens, trained here."""
+    from svlm_jax.tokenizer import train_tokenizer
+
+    return train_tokenizer(STREAM_CORPUS * 10, 400, tmp_path_factory.mktemp("tok"))
+
+
+def random_stream_model(tokenizer, *, seed: int = 0, model_type: str = "qwen2_5_vl"):
+    """A tiny random model (every weight perturbed) whose special ids are the tokenizer's."""
+    import dataclasses
+
+    import jax
+
+    import svlm_jax
+    from svlm_jax.config import tiny
+    from svlm_jax.model.params import Model
+
+    sp = tokenizer.special
+    cfg = dataclasses.replace(tiny(model_type, vocab_size=tokenizer.vocab_size), image_token_id=sp.image_pad,
+                              video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
+                              vision_end_token_id=sp.vision_end)
+    key = jax.random.key(seed)
+    params = svlm_jax.init_params(cfg, key, std=0.1)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return Model(config=cfg, params=jax.tree.unflatten(tree, leaves))
+
+
+@pytest.fixture(scope="session")
+def stream_model(stream_tokenizer):
+    return random_stream_model(stream_tokenizer)

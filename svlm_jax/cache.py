@@ -1,0 +1,248 @@
+"""The streaming KV cache: fixed shapes for a stream's whole life, policy as array updates.
+
+Slots of one stream, in storage order (sizes static, `CacheLayout`):
+  head    system block + "<|im_start|>previous text\\n"
+  sink    the first `text_sink` tokens of text ever put into the previous-text block
+  window  ring of the last `text_window` tokens of evicted commentary
+  footer  "<|im_end|>\\n" closing the previous-text block
+  rounds  ring of `rounds` round slots, each laid out as
+          [before: "<|im_start|>user\\nTime=..s<|vision_start|>"][vision pads][after: "<|vision_end|>
+          {query}<|im_end|>\\n<|im_start|>assistant\\n"][generated][close: " ...<|im_end|>" if
+          generation was cut][tail: "\\n"]
+Unused slots are invalid. Keys are stored before rotary embedding, so re-indexing positions costs
+nothing: at every round, positions are recomputed from the logical order (head, sink, window
+oldest-first, footer, rounds oldest-first; slot order inside each), text +1 per token, a vision
+block by the M-RoPE rule of `model.rope`. At the start of round i, the round i - rounds leaves:
+its commentary (generated tokens without " ..." and <|im_end|>) moves into the sink while it has
+room, then into the window ring; round i - vision_rounds loses its vision tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    head_len: int
+    text_sink: int
+    text_window: int
+    footer_len: int
+    rounds: int          # round slots kept (text rounds)
+    vision_rounds: int   # rounds whose vision is kept, current included (1..rounds)
+    before_cap: int
+    n_vision: int
+    after_cap: int
+    max_new: int
+    close_len: int       # " ..." + <|im_end|> forced when generation hits max_new
+    tail_len: int        # "\n"
+    vision_offsets: tuple[tuple[int, int, int], ...]  # (t, row, col) offset of each vision token
+    vision_span: int     # how far text resumes after a round's vision block
+
+    def __post_init__(self):
+        if not 1 <= self.vision_rounds <= self.rounds:
+            raise ValueError(f"vision rounds ({self.vision_rounds}) must be between 1 and text rounds ({self.rounds})")
+        if len(self.vision_offsets) != self.n_vision:
+            raise ValueError("one vision offset per vision token")
+
+    # storage offsets of the regions
+    @property
+    def sink_start(self) -> int:
+        return self.head_len
+
+    @property
+    def window_start(self) -> int:
+        return self.head_len + self.text_sink
+
+    @property
+    def footer_start(self) -> int:
+        return self.window_start + self.text_window
+
+    @property
+    def rounds_start(self) -> int:
+        return self.footer_start + self.footer_len
+
+    # offsets inside a round slot
+    @property
+    def vision_off(self) -> int:
+        return self.before_cap
+
+    @property
+    def after_off(self) -> int:
+        return self.before_cap + self.n_vision
+
+    @property
+    def gen_off(self) -> int:
+        return self.after_off + self.after_cap
+
+    @property
+    def close_off(self) -> int:
+        return self.gen_off + self.max_new
+
+    @property
+    def tail_off(self) -> int:
+        return self.close_off + self.close_len
+
+    @property
+    def round_cap(self) -> int:
+        return self.tail_off + self.tail_len
+
+    @property
+    def size(self) -> int:
+        return self.rounds_start + self.rounds * self.round_cap
+
+    def round_slot(self, ring_index):
+        """Storage index of the first slot of ring slot `ring_index`."""
+        return self.rounds_start + ring_index * self.round_cap
+
+
+@struct.dataclass
+class CacheState:
+    """One batch of streams. Axes: L layers, B streams, S slots, K kv heads, H head dim, R rounds."""
+
+    k_lbskh: jax.Array          # keys before rotary embedding
+    v_lbskh: jax.Array
+    token_bs: jax.Array         # int32 token id per slot
+    valid_bs: jax.Array         # bool
+    native_bs3: jax.Array       # int32 ever-growing positions (the "native" ablation)
+    n_sink_b: jax.Array         # int32 tokens in the sink
+    win_start_b: jax.Array      # int32 ring index of the oldest window token
+    n_win_b: jax.Array          # int32 tokens in the window
+    rounds_b: jax.Array         # int32 rounds started so far
+    n_gen_br: jax.Array         # int32 tokens generated (and fed) in each ring slot's round
+    content_br: jax.Array       # int32 commentary tokens of each ring slot's round
+    next_native_b: jax.Array    # int32 next native position
+    active_b: jax.Array         # bool: the batch row holds a stream
+
+
+def empty_state(layout: CacheLayout, n_layers: int, batch: int, n_kv: int, head_dim: int, dtype) -> CacheState:
+    s, r = layout.size, layout.rounds
+
+    def zeros_b():  # distinct buffers: the state is donated field by field
+        return jnp.zeros((batch,), jnp.int32)
+
+    return CacheState(
+        k_lbskh=jnp.zeros((n_layers, batch, s, n_kv, head_dim), dtype),
+        v_lbskh=jnp.zeros((n_layers, batch, s, n_kv, head_dim), dtype),
+        token_bs=jnp.zeros((batch, s), jnp.int32), valid_bs=jnp.zeros((batch, s), bool),
+        native_bs3=jnp.zeros((batch, s, 3), jnp.int32),
+        n_sink_b=zeros_b(), win_start_b=zeros_b(), n_win_b=zeros_b(), rounds_b=zeros_b(),
+        n_gen_br=jnp.zeros((batch, r), jnp.int32), content_br=jnp.zeros((batch, r), jnp.int32),
+        next_native_b=zeros_b(), active_b=jnp.zeros((batch,), bool))
+
+
+# ---------------------------------------------------------------- positions
+
+def logical_order(layout: CacheLayout, win_start, rounds_started):
+    """Storage slot of each logical position [S] for one stream (oldest window token and oldest
+    round first)."""
+    head = np.arange(layout.sink_start + layout.text_sink)
+    parts = [jnp.asarray(head)]
+    if layout.text_window:
+        parts.append(layout.window_start + (win_start + jnp.arange(layout.text_window)) % layout.text_window)
+    parts.append(jnp.arange(layout.footer_start, layout.rounds_start))
+    ring = (rounds_started + jnp.arange(layout.rounds)) % layout.rounds  # oldest first, current last
+    parts.append((layout.round_slot(ring)[:, None] + jnp.arange(layout.round_cap)).reshape(-1))
+    return jnp.concatenate(parts)
+
+
+def _round_masks(layout: CacheLayout):
+    """Static per-slot masks over storage: is this slot a vision slot; is it the last vision slot."""
+    kind = np.zeros(layout.size, np.int32)
+    offsets = np.zeros((layout.size, 3), np.int32)
+    for j in range(layout.rounds):
+        start = layout.round_slot(j) + layout.vision_off
+        kind[start:start + layout.n_vision] = 1
+        kind[start + layout.n_vision - 1] = 2
+        offsets[start:start + layout.n_vision] = np.asarray(layout.vision_offsets, np.int32)
+    return kind, offsets
+
+
+def contiguous_positions(layout: CacheLayout, valid_s, win_start, rounds_started):
+    """3D positions [S, 3] of one stream's slots, contiguous in logical order."""
+    kind_s, offsets_s3 = _round_masks(layout)
+    order = logical_order(layout, win_start, rounds_started)
+    valid = valid_s[order]
+    kind = jnp.asarray(kind_s)[order]
+    step = jnp.where(kind == 0, 1, jnp.where(kind == 2, layout.vision_span, 0))
+    step = jnp.where(valid, step, 0)
+    start = jnp.cumsum(step) - step  # exclusive: a vision block's tokens all see its start
+    pos_l3 = start[:, None] + jnp.where((kind > 0)[:, None], jnp.asarray(offsets_s3)[order], 0)
+    return jnp.zeros((layout.size, 3), jnp.int32).at[order].set(pos_l3.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------- eviction
+
+def _copy_slots(state_row: dict, src, dst):
+    """Copy keys, values, ids, validity and native positions from slots `src` to `dst` (one stream;
+    dst out of range = skipped)."""
+    out = dict(state_row)
+    for name in ("token_s", "valid_s", "native_s3"):
+        out[name] = state_row[name].at[dst].set(state_row[name][src], mode="drop")
+    for name in ("k_lskh", "v_lskh"):
+        out[name] = state_row[name].at[:, dst].set(state_row[name][:, src], mode="drop")
+    return out
+
+
+def move_to_previous_text(layout: CacheLayout, row: dict, src_start, count):
+    """Append `count` tokens starting at storage slot `src_start` to the previous-text block: the sink
+    while it has room, then the window ring (its oldest tokens overwritten)."""
+    m = jnp.arange(layout.max_new)
+    n_sink, win_start, n_win = row["n_sink_b"], row["win_start_b"], row["n_win_b"]
+    room = layout.text_sink - n_sink
+    to_sink = m < jnp.minimum(room, count)
+    ring_index = m - room  # order of the token among those going to the ring
+    n_ring = jnp.maximum(count - room, 0)
+    dst = jnp.full(m.shape, layout.size)
+    dst = jnp.where(to_sink, layout.sink_start + n_sink + m, dst)
+    if layout.text_window:
+        # Only the last text_window tokens bound for the ring can survive this move.
+        to_ring = (m < count) & (ring_index >= 0) & (ring_index >= n_ring - layout.text_window)
+        ring_slot = (win_start + n_win + ring_index) % layout.text_window
+        dst = jnp.where(to_ring, layout.window_start + ring_slot, dst)
+        overflow = jnp.maximum(n_win + n_ring - layout.text_window, 0)
+        row["win_start_b"] = (win_start + overflow) % layout.text_window
+        row["n_win_b"] = jnp.minimum(n_win + n_ring, layout.text_window)
+    row["n_sink_b"] = n_sink + jnp.minimum(jnp.maximum(room, 0), count)
+    return _copy_slots(row, src_start + m, dst)
+
+
+def begin_round(layout: CacheLayout, row: dict) -> dict:
+    """Start round i = rounds_started for one active stream: retire round i - rounds (move its
+    commentary, free its slot) and drop the vision of round i - vision_rounds."""
+    i = row["rounds_b"]
+    ring = i % layout.rounds
+    leaving = i >= layout.rounds
+    start = layout.round_slot(ring)
+    count = jnp.where(leaving, row["content_br"][ring], 0)
+    row = move_to_previous_text(layout, row, start + layout.gen_off, count)
+    in_slot = jnp.arange(layout.size) - start
+    row["valid_s"] = row["valid_s"] & ~((in_slot >= 0) & (in_slot < layout.round_cap))
+    if layout.vision_rounds < layout.rounds:
+        old = (i - layout.vision_rounds) % layout.rounds
+        v_start = layout.round_slot(old) + layout.vision_off
+        in_vis = jnp.arange(layout.size) - v_start
+        row["valid_s"] = row["valid_s"] & ~((in_vis >= 0) & (in_vis < layout.n_vision))
+    row["n_gen_br"] = row["n_gen_br"].at[ring].set(0)
+    row["content_br"] = row["content_br"].at[ring].set(0)
+    row["rounds_b"] = i + 1
+    return row
+
+
+ROW_FIELDS = {"k_lbskh": ("k_lskh", 1), "v_lbskh": ("v_lskh", 1), "token_bs": ("token_s", 0),
+              "valid_bs": ("valid_s", 0), "native_bs3": ("native_s3", 0)}
+
+
+def per_row(fn, state: CacheState, *args):
+    """Apply `fn(row_dict, *row_args)` to every stream (vmapped) and write the results back."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    axes = {name: ROW_FIELDS[name][1] if name in ROW_FIELDS else 0 for name in fields}
+    rows = {ROW_FIELDS.get(n, (n,))[0]: v for n, v in fields.items()}
+    row_axes = {ROW_FIELDS.get(n, (n,))[0]: axes[n] for n in fields}
+    out = jax.vmap(fn, in_axes=(row_axes,) + (0,) * len(args), out_axes=row_axes)(rows, *args)
+    return CacheState(**{n: out[ROW_FIELDS.get(n, (n,))[0]] for n in fields})

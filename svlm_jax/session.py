@@ -1,0 +1,242 @@
+"""Host side of streaming: a batch of streams over one compiled engine.
+
+    session = StreamingSession(model, tokenizer, StreamConfig(), batch=1)
+    text = session.step(frames_thwc, t_start, t_end)   # one second of video -> its commentary
+
+Frames are preprocessed with the Qwen rule; the first second fixes the frame size (and so the
+shapes the engine is compiled for). Streams of a batch advance together; `join` (re)starts one
+row with its own previous text, `leave` frees it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svlm_jax import engine, prompt, sampling
+from svlm_jax.cache import CacheLayout, empty_state, logical_order
+from svlm_jax.media.preprocess import VisionPreprocessConfig, preprocess_video
+from svlm_jax.model import rope, vision
+from svlm_jax.model.params import Model
+from svlm_jax.model.vlm import video_time_interval
+
+SCHEMES = ("streaming", "full", "sliding", "sliding_overlap")
+# Streaming bounds of the reference (METHOD.md §2): 100 to 768 merged 28-px cells per frame.
+STREAM_PREPROCESS = VisionPreprocessConfig(min_pixels=100 * 28 * 28, max_pixels=768 * 28 * 28)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """What the cache keeps and how text is generated. Defaults are the paper's."""
+
+    vision_window_s: int = 16   # seconds of vision kept, the current one included
+    text_rounds: int = 16       # rounds kept in full (prompt, vision while it lasts, commentary)
+    text_sink: int = 512
+    text_window: int = 512
+    max_new_tokens: int = 20
+    sampling: sampling.SamplingConfig = sampling.SamplingConfig()
+    pos_mode: str = "contiguous"
+    previous_text: str = ""
+    query: str = prompt.QUERY
+    system: str = prompt.SYSTEM
+    scheme: str = "streaming"
+    full_max_s: int = 600        # scheme "full": the memory budget, in seconds of video
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.text_rounds < 1 or self.vision_window_s < 0 or self.text_sink < 0 or self.text_window < 0:
+            raise ValueError("text_rounds must be >= 1; windows and sink sizes >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.pos_mode not in engine.POS_MODES:
+            raise ValueError(f"pos_mode must be one of {engine.POS_MODES}, got {self.pos_mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedToken:
+    token_id: int
+    position: tuple[int, int, int]
+    region: str  # head, sink, window, footer, round
+
+
+class StreamingSession:
+    def __init__(self, model: Model, tokenizer, config: StreamConfig = StreamConfig(), *, batch: int = 1,
+                 preprocess: VisionPreprocessConfig = STREAM_PREPROCESS):
+        self.model, self.tokenizer, self.config, self.batch = model, tokenizer, config, batch
+        self.preprocess = preprocess
+        self.chat = prompt.ChatTokens.from_tokenizer(tokenizer.token_id, tokenizer.encode)
+        self._spec: engine.EngineSpec | None = None
+        self._state = None
+        self._vision_layout = None
+        self._rounds = np.zeros(batch, np.int64)
+        self._pending_join = list(range(batch))
+        self.last_output: engine.RoundOutput | None = None
+        self._previous = [config.previous_text] * batch
+
+    # ------------------------------------------------------------ public API
+    def step(self, frames_or_patches, t_start: float, t_end: float) -> str:
+        """One second of one stream (batch 1): frames uint8 [n, H, W, 3] or (rows [P, 1176], grid)."""
+        if self.batch != 1:
+            raise ValueError("step() serves batch 1; use step_batch() for several streams")
+        return self.step_batch([frames_or_patches], [t_start], [t_end])[0]
+
+    def step_batch(self, seconds, t_starts, t_ends, *, collect_logits: bool = False) -> list[str]:
+        """One second for every row: lists of frames (or (rows, grid), or None for an inactive row).
+        The engine's full output (tokens; logits with `collect_logits`) stays in `last_output`."""
+        rows, grid = self._patches(seconds)
+        self._ensure_engine(grid)
+        self._start_pending()
+        inputs = self._round_inputs(t_starts, t_ends)
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(self.config.seed), r))(jnp.asarray(self._rounds))
+        self._state, out = engine.round_step(self.model, self._spec, self._state, inputs, rows,
+                                             self._vision_layout, keys, collect_logits)
+        self.last_output = out
+        self._rounds += 1
+        tokens, n_gen = np.asarray(out.tokens_bm), np.asarray(out.n_gen_b)
+        return [self._text(tokens[b, :n_gen[b]]) for b in range(self.batch)]
+
+    def join(self, row: int, previous_text: str = "") -> None:
+        """(Re)start the stream of batch row `row` with its own previous text."""
+        self._previous[row] = previous_text
+        self._rounds[row] = 0
+        if row not in self._pending_join:
+            self._pending_join.append(row)
+
+    def leave(self, row: int) -> None:
+        if self._state is not None:
+            self._state = self._state.replace(active_b=self._state.active_b.at[row].set(False))
+        if row in self._pending_join:
+            self._pending_join.remove(row)
+
+    def cache_view(self, row: int = 0) -> list[CachedToken]:
+        """The retained tokens of one stream in logical order with their 3D positions."""
+        if self._state is None:
+            return []
+        lay = self._spec.layout
+        st = self._state
+        valid, tokens = np.asarray(st.valid_bs[row]), np.asarray(st.token_bs[row])
+        order = np.asarray(logical_order(lay, st.win_start_b[row], st.rounds_b[row]))
+        positions = np.asarray(engine.slot_positions(self._spec, st))[row]
+        bounds = [(lay.sink_start, "head"), (lay.window_start, "sink"), (lay.footer_start, "window"),
+                  (lay.rounds_start, "footer"), (lay.size, "round")]
+        out = []
+        for s in order:
+            if valid[s]:
+                region = next(name for end, name in bounds if s < end)
+                out.append(CachedToken(int(tokens[s]), tuple(int(p) for p in positions[s]), region))
+        return out
+
+    # ------------------------------------------------------------ internals
+    def _patches(self, seconds):
+        rows, grid = [], None
+        for sec in seconds:
+            if sec is None:
+                rows.append(None)
+                continue
+            if isinstance(sec, tuple):
+                r, g = np.asarray(sec[0], np.float32), tuple(int(x) for x in np.asarray(sec[1]).reshape(-1))
+            else:
+                r, g = preprocess_video(np.asarray(sec), self.preprocess)
+                g = tuple(int(x) for x in g)
+            if grid is not None and g != grid:
+                raise ValueError(f"all streams of a batch need the same frame grid: {g} vs {grid}")
+            grid = g
+            rows.append(r)
+        if grid is None:
+            raise ValueError("no stream in the batch has frames")
+        if self._spec is not None and grid != self._spec.grid_thw:
+            raise ValueError(f"frame grid changed from {self._spec.grid_thw} to {grid} mid-stream; "
+                             "resize frames to a fixed size")
+        filler = np.zeros_like(next(r for r in rows if r is not None))
+        return jnp.asarray(np.stack([filler if r is None else r for r in rows])), grid
+
+    def _ensure_engine(self, grid):
+        if self._spec is not None:
+            return
+        cfg, sc, ct = self.model.config, self.config, self.chat
+        merge = cfg.vision.spatial_merge_size
+        dt = video_time_interval(cfg)
+        offsets = rope.vision_block_positions(0, grid, merge, dt)
+        enc = self.tokenizer.encode
+        head = prompt.system_block(ct, enc, sc.system) + prompt.previous_header(ct, enc)
+        longest = max(len(x) for x in (prompt.user_turn(ct, enc, 99999.0, 100000.0, None)[0],
+                                       prompt.user_turn(ct, enc, 0.0, 1.0, None)[0]))
+        after = len(prompt.user_turn(ct, enc, 0.0, 1.0, sc.query)[1])
+        if sc.scheme == "full":
+            rounds = vision_rounds = sc.full_max_s
+        else:
+            rounds, vision_rounds = sc.text_rounds, max(1, min(sc.vision_window_s, sc.text_rounds))
+        layout = CacheLayout(
+            head_len=len(head), text_sink=sc.text_sink, text_window=sc.text_window,
+            footer_len=len(prompt.previous_footer(ct)), rounds=rounds, vision_rounds=vision_rounds,
+            before_cap=longest + 2, n_vision=len(offsets), after_cap=after,
+            max_new=sc.max_new_tokens, close_len=len(ct.end_marker) + 1, tail_len=len(prompt.round_tail(ct)),
+            vision_offsets=tuple(tuple(int(v) for v in o) for o in offsets),
+            vision_span=rope.vision_span(grid, merge, dt, cfg.resume_rule))
+        self._spec = engine.EngineSpec(
+            layout=layout, sampling=sc.sampling, pos_mode=sc.pos_mode, im_end=ct.im_end, video_pad=ct.video_pad,
+            close_ids=(*ct.end_marker, ct.im_end), end_marker=ct.end_marker,
+            tail_ids=tuple(prompt.round_tail(ct)), grid_thw=grid)
+        t = cfg.text
+        self._state = empty_state(layout, t.num_layers, self.batch, t.num_kv_heads, t.head_dim,
+                                  self.model.params.text.embed_vd.dtype)
+        self._vision_layout = vision.vision_layout(cfg.vision, [grid] * self.batch)
+        self._head = head
+
+    def _start_pending(self):
+        if not self._pending_join:
+            return
+        lay, ct = self._spec.layout, self.chat
+        prefix = np.zeros((self.batch, lay.rounds_start), np.int32)
+        valid = np.zeros_like(prefix, bool)
+        n_sink, n_win = np.zeros(self.batch, np.int32), np.zeros(self.batch, np.int32)
+        for row in self._pending_join:
+            prev = self.tokenizer.encode(self._previous[row]) if self._previous[row] else []
+            kept = prompt.truncate_previous(prev, lay.text_sink, lay.text_window)
+            sink, window = kept[:lay.text_sink], kept[lay.text_sink:]
+            prefix[row, :lay.head_len] = self._head
+            prefix[row, lay.sink_start:lay.sink_start + len(sink)] = sink
+            prefix[row, lay.window_start:lay.window_start + len(window)] = window
+            prefix[row, lay.footer_start:lay.rounds_start] = prompt.previous_footer(ct)
+            valid[row, :lay.head_len] = True
+            valid[row, lay.sink_start:lay.sink_start + len(sink)] = True
+            valid[row, lay.window_start:lay.window_start + len(window)] = True
+            valid[row, lay.footer_start:lay.rounds_start] = True
+            n_sink[row], n_win[row] = len(sink), len(window)
+        join = np.zeros(self.batch, bool)
+        join[self._pending_join] = True
+        self._state = engine.start_streams(self.model, self._spec, self._state, jnp.asarray(join), jnp.asarray(prefix),
+                                           jnp.asarray(valid), jnp.asarray(n_sink), jnp.asarray(n_win))
+        self._pending_join = []
+
+    def _round_inputs(self, t_starts, t_ends) -> engine.RoundInputs:
+        lay, ct, enc = self._spec.layout, self.chat, self.tokenizer.encode
+        before = np.zeros((self.batch, lay.before_cap), np.int32)
+        after = np.zeros((self.batch, lay.after_cap), np.int32)
+        n_before, n_after = np.zeros(self.batch, np.int32), np.zeros(self.batch, np.int32)
+        for row in range(self.batch):
+            if t_starts[row] is None:
+                continue
+            query = self.config.query if self._rounds[row] == 0 else None
+            b, a = prompt.user_turn(ct, enc, t_starts[row], t_ends[row], query)
+            if len(b) > lay.before_cap:
+                raise ValueError(f"time label {prompt.time_label(t_starts[row], t_ends[row])} is too long")
+            before[row, :len(b)], after[row, :len(a)] = b, a
+            n_before[row], n_after[row] = len(b), len(a)
+        return engine.RoundInputs(before_bt=jnp.asarray(before), n_before_b=jnp.asarray(n_before),
+                                  after_bt=jnp.asarray(after), n_after_b=jnp.asarray(n_after))
+
+    def _text(self, ids) -> str:
+        """Commentary text of generated ids: without the closing <|im_end|> and " ..." marker."""
+        ids = [int(i) for i in ids]
+        if ids and ids[-1] == self.chat.im_end:
+            ids = ids[:-1]
+            marker = list(self.chat.end_marker)
+            if marker and ids[len(ids) - len(marker):] == marker:
+                ids = ids[:len(ids) - len(marker)]
+        return self.tokenizer.decode(ids).strip()
