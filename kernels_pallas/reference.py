@@ -34,6 +34,8 @@ class RotarySpec:
 def rotate_keys(k_bkmh, k_positions_bk3, rope: RotarySpec):
     """Keys [B, K, M, H] rotated by their slot positions [B, K, 3]; returned in k's dtype."""
     inv_freq_f = rope_lib.inv_freq(k_bkmh.shape[-1], rope.theta)
+    if sum(rope.mrope_section) != inv_freq_f.shape[0]:
+        raise ValueError(f"mrope_section {rope.mrope_section} does not cover head_dim {k_bkmh.shape[-1]} / 2")
     angles_bkf = rope_lib.mrope_angles(k_positions_bk3, inv_freq_f, rope.mrope_section)
     return rope_lib.apply_rotary(k_bkmh, angles_bkf)
 

@@ -1,0 +1,219 @@
+"""Pallas attention kernels (interpret mode on CPU) against the jnp reference.
+
+Shapes are tiny and deliberately not multiples of the 16-wide tiles used here, so every kernel runs
+several key blocks, padded tails, empty cache slots and rows that see no key at all.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import api, common, decode, flash_train, prefill, reference, vision
+from svlm_jax.model import rope as rope_lib
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+ROPE_16 = reference.RotarySpec(theta=1e4, mrope_section=(2, 3, 3))  # head_dim 16
+ROPE_32 = reference.RotarySpec(theta=1e6, mrope_section=(4, 6, 6))  # head_dim 32
+
+
+def _normal(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def _close(actual, expected, dtype):
+    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+                               atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def _cache_case(rng, b, q, k, n, m, h, dtype, with_rope):
+    """Queries of one stream (segment 1) against a cache with empty slots (segment 0), future slots
+    (order above the queries'), and in the last stream a query of segment 2 that sees nothing."""
+    kv_segment_bk = np.where(rng.random((b, k)) < 0.25, 0, 1)
+    kv_segment_bk[:, -5:] = 0  # an empty tail, as in a cache that is not full yet
+    q_segment_bq = np.ones((b, q), np.int32)
+    q_segment_bq[-1, -1] = 2
+    kv_order_bk = rng.integers(0, k, (b, k))
+    q_order_bq = rng.integers(k // 2, k + q, (b, q))
+    arrays = dict(q_bqnh=_normal(rng, (b, q, n, h), dtype), k_bkmh=_normal(rng, (b, k, m, h), dtype),
+                  v_bkmh=_normal(rng, (b, k, m, h), dtype), q_segment_bq=jnp.asarray(q_segment_bq, jnp.int32),
+                  kv_segment_bk=jnp.asarray(kv_segment_bk, jnp.int32), q_order_bq=jnp.asarray(q_order_bq, jnp.int32),
+                  kv_order_bk=jnp.asarray(kv_order_bk, jnp.int32))
+    if with_rope:
+        arrays["k_positions_bk3"] = jnp.asarray(rng.integers(0, 3000, (b, k, 3)), jnp.int32)
+    return arrays
+
+
+@functools.partial(jax.jit, static_argnames="rope")
+def _reference_rotate_then_attend(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk,
+                                  k_positions_bk3=None, rope=None):
+    """Rotates keys with the model's rope functions, then attends (the reference of in-kernel rotation)."""
+    if rope is not None:
+        angles_bkf = rope_lib.mrope_angles(k_positions_bk3, rope_lib.inv_freq(k_bkmh.shape[-1], rope.theta),
+                                           rope.mrope_section)
+        k_bkmh = rope_lib.apply_rotary(k_bkmh, angles_bkf)
+    return reference.attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk)
+
+
+@pytest.mark.parametrize("q, n, m, dtype, rope", [
+    (1, 4, 4, jnp.float32, ROPE_16),     # GQA ratio 1, rotation
+    (2, 4, 2, jnp.bfloat16, None),       # ratio 2, bf16
+    (2, 7, 1, jnp.float32, ROPE_16),     # ratio 7 (rows padded to 16), rotation
+])
+def test_decode_matches_reference(q, n, m, dtype, rope):
+    rng = np.random.default_rng(0)
+    case = _cache_case(rng, b=2, q=q, k=53, n=n, m=m, h=16, dtype=dtype, with_rope=rope is not None)
+    out = jax.jit(functools.partial(decode.decode_attention, rope=rope, block_k=16, splits=2, interpret=True))(**case)
+    _close(out, _reference_rotate_then_attend(**case, rope=rope), dtype)
+    assert not np.any(np.asarray(out[-1, -1], np.float32))  # the query that sees nothing
+
+
+@pytest.mark.parametrize("n, m, dtype, rope, h", [
+    (7, 1, jnp.float32, ROPE_32, 32),    # ratio 7, rotation
+    (4, 2, jnp.bfloat16, ROPE_16, 16),   # ratio 2, bf16, rotation
+])
+def test_prefill_matches_reference(n, m, dtype, rope, h):
+    """A chunk of 19 queries against a 40-slot cache followed by the chunk itself, causal by order."""
+    rng = np.random.default_rng(1)
+    b, q, cache = 2, 19, 40
+    case = _cache_case(rng, b=b, q=q, k=cache + q, n=n, m=m, h=h, dtype=dtype, with_rope=True)
+    chunk_order = cache + np.arange(q)
+    case["q_order_bq"] = jnp.asarray(np.broadcast_to(chunk_order, (b, q)), jnp.int32)
+    case["kv_order_bk"] = case["kv_order_bk"].at[:, cache:].set(chunk_order)
+    case["kv_segment_bk"] = case["kv_segment_bk"].at[:, cache:].set(case["q_segment_bq"])
+    out = jax.jit(functools.partial(prefill.prefill_attention, rope=rope, block_r=16, block_k=16,
+                                    interpret=True))(**case)
+    _close(out, _reference_rotate_then_attend(**case, rope=rope), dtype)
+
+
+@pytest.mark.parametrize("t, n, m, h, dtype, sort", [
+    (45, 2, 2, 80, jnp.bfloat16, True),  # Qwen2.5-VL head_dim 80 (padded inside), windows in order
+    (38, 3, 1, 20, jnp.float32, False),  # odd half head dim, GQA, segments in no order
+])
+def test_vision_matches_reference(t, n, m, h, dtype, sort):
+    rng = np.random.default_rng(2)
+    segment_bt = rng.integers(0, 5, (2, t))
+    segment_bt = np.sort(segment_bt, axis=1) if sort else segment_bt
+    segment_bt = jnp.asarray(segment_bt, jnp.int32)
+    q_btnh, k_btmh, v_btmh = (_normal(rng, (2, t, heads, h), dtype) for heads in (n, m, m))
+    out = jax.jit(functools.partial(vision.vision_attention, block_q=16, block_k=16, interpret=True))(
+        q_btnh, k_btmh, v_btmh, segment_bt, segment_bt)
+    _close(out, jax.jit(reference.attention)(q_btnh, k_btmh, v_btmh, segment_bt, segment_bt), dtype)
+
+
+@pytest.mark.parametrize("n, m, h, dtype", [
+    (2, 2, 16, jnp.float32),
+    (7, 1, 16, jnp.float32),
+    (4, 2, 32, jnp.bfloat16),
+])
+def test_flash_train_values_and_gradients(n, m, h, dtype):
+    """Packed causal sequences (three segments and a padded tail): output and dq, dk, dv."""
+    rng = np.random.default_rng(3)
+    b, t = 2, 37
+    segment_bt = jnp.asarray(np.repeat([[1] * 12 + [2] * 15 + [3] * 6 + [0] * 4], b, axis=0), jnp.int32)
+    order_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    q_btnh, k_btmh, v_btmh, do_btnh = (_normal(rng, (b, t, heads, h), dtype) for heads in (n, m, m, n))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, segment_bt, segment_bt, order_bt, order_bt).astype(jnp.float32) * do_btnh)
+
+    kernel = functools.partial(flash_train.flash_attention, block_r=16, block_k=16, interpret=True)
+    value_and_grads = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3)), static_argnums=0)
+    out, grads = value_and_grads(kernel, q_btnh, k_btmh, v_btmh)
+    ref_out, ref_grads = value_and_grads(reference.attention, q_btnh, k_btmh, v_btmh)
+    _close(out / (b * t * n), ref_out / (b * t * n), dtype)
+    for grad, ref_grad in zip(grads, ref_grads):
+        scale = max(1.0, float(np.abs(np.asarray(ref_grad, np.float32)).max()))
+        _close(np.asarray(grad, np.float32) / scale, np.asarray(ref_grad, np.float32) / scale, dtype)
+
+
+def test_api_dispatch_and_defaults():
+    """impl=None is the reference on CPU; impl='pallas' routes by arguments and agrees with it."""
+    rng = np.random.default_rng(4)
+    case = _cache_case(rng, b=1, q=3, k=21, n=4, m=2, h=16, dtype=jnp.float32, with_rope=True)
+    args = tuple(case[name] for name in ("q_bqnh", "k_bkmh", "v_bkmh", "q_segment_bq", "kv_segment_bk",
+                                         "q_order_bq", "kv_order_bk"))
+    expected = _reference_rotate_then_attend(**case, rope=ROPE_16)
+    assert api.default_impl() == "xla"
+    _close(api.attention(*args, k_positions_bk3=case["k_positions_bk3"], rope=ROPE_16), expected, jnp.float32)
+    out = jax.jit(lambda a, pos: api.attention(*a, k_positions_bk3=pos, rope=ROPE_16, impl="pallas"))(
+        args, case["k_positions_bk3"])
+    _close(out, expected, jnp.float32)
+    assert api.pallas_kernel(1, True, True)[0] == "decode"
+    assert api.pallas_kernel(500, True, True)[0] == "prefill"
+    assert api.pallas_kernel(500, True, False)[0] == "flash_train"
+    assert api.pallas_kernel(500, False, False)[0] == "vision"
+    with pytest.raises(ValueError, match="cudnn"):
+        api.attention(*args, impl="cudnn")
+    with pytest.raises(ValueError, match="not one of"):
+        api.attention(*args, impl="triton")
+
+
+def test_head_padding_round_trip():
+    x = jnp.arange(2 * 80, dtype=jnp.float32).reshape(2, 80)
+    padded = common.pad_head(x)
+    assert padded.shape == (2, 128)
+    np.testing.assert_array_equal(common.unpad_head(padded, 80), x)
+    np.testing.assert_array_equal(padded[:, :40], x[:, :40])
+    np.testing.assert_array_equal(padded[:, 64:104], x[:, 40:])
+
+
+def test_live_blocks_never_drop_a_visible_pair():
+    """The block skipping is conservative for arbitrary (unsorted) ids."""
+    rng = np.random.default_rng(5)
+    q_segment, kv_segment = (jnp.asarray(rng.integers(0, 4, (3, 64)), jnp.int32) for _ in range(2))
+    q_order, kv_order = (jnp.asarray(rng.integers(0, 50, (3, 64)), jnp.int32) for _ in range(2))
+    mask_bqk = reference.attention_mask(q_segment, kv_segment, q_order, kv_order)
+    needed = np.asarray(mask_bqk).reshape(3, 4, 16, 4, 16).any(axis=(2, 4))
+    live = np.asarray(common.live_blocks(q_segment, kv_segment, q_order, kv_order, 16, 16))
+    assert np.all(live | ~needed)
+    lo, hi = common.block_bounds(jnp.asarray(live), axis=2)
+    for b, i in zip(*np.nonzero(needed.any(axis=2))):
+        cols = np.nonzero(needed[b, i])[0]
+        assert lo[b, i] <= cols.min() and cols.max() < hi[b, i]
+
+
+def test_kernels_lower_for_gpu_with_triton():
+    """Every kernel (and the training backward) lowers to Triton for CUDA from this machine: guards
+    the portable subset (no gather, no concatenate, power-of-two tiles). Compiling to PTX and running
+    needs a GPU; experiments/bench_kernels.py checks values there."""
+    s = jax.ShapeDtypeStruct
+    b, q, k, n, m, h = 1, 40, 200, 28, 4, 128
+    ids = lambda length: s((b, length), jnp.int32)
+    rope = reference.RotarySpec(theta=1e6, mrope_section=(16, 24, 24))
+
+    def cached(kernel, queries):
+        return (lambda qq, kk, vv, qs, ks, qo, ko, pos: kernel(qq, kk, vv, qs, ks, qo, ko, k_positions_bk3=pos,
+                                                                rope=rope, interpret=False),
+                (s((b, queries, n, h), jnp.bfloat16), s((b, k, m, h), jnp.bfloat16), s((b, k, m, h), jnp.bfloat16),
+                 ids(queries), ids(k), ids(queries), ids(k), s((b, k, 3), jnp.int32)))
+
+    def train(qq, kk, vv, seg, order):
+        f = lambda *a: flash_train.flash_attention(*a, seg, seg, order, order, interpret=False)
+        out, vjp = jax.vjp(f, qq, kk, vv)
+        return vjp(out)
+
+    cases = [cached(decode.decode_attention, 2), cached(prefill.prefill_attention, q),
+             (functools.partial(vision.vision_attention, interpret=False),
+              (s((b, 100, 16, 80), jnp.bfloat16),) * 3 + (ids(100),) * 2),
+             (train, (s((b, q, n, h), jnp.bfloat16), s((b, q, m, h), jnp.bfloat16), s((b, q, m, h), jnp.bfloat16),
+                      ids(q), ids(q)))]
+    for fn, args in cases:
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in text
+
+
+def test_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
+    """Pretend to be on a GPU: the CPU cannot compile a non-interpreted kernel, so the api warns once
+    and answers with the reference instead of crashing."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api, "_COMPILES", {})
+    rng = np.random.default_rng(6)
+    case = _cache_case(rng, b=1, q=2, k=9, n=2, m=1, h=15, dtype=jnp.float32, with_rope=False)
+    del case["q_order_bq"], case["kv_order_bk"]
+    with pytest.warns(UserWarning, match="using the xla reference"):
+        out = api.attention(*case.values())
+    _close(out, reference.attention(*case.values()), jnp.float32)
+    assert api.fallbacks() == ["decode"]
