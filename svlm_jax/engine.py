@@ -261,7 +261,7 @@ def _decode(model: Model, spec: EngineSpec, state: CacheState, first_b, gen_slot
     init = (jnp.int32(0), first_b, ~state.active_b, jnp.zeros((b, lay.max_new), jnp.int32), zeros_b, state,
             seen_bv, rotary_positions, logits_bmv)
     _, _, _, gen, n_gen, state, _, _, logits_bmv = jax.lax.while_loop(cond, body, init)
-    content = _content_length(gen, n_gen, spec)
+    content = content_length(gen, n_gen, spec.im_end, spec.end_marker)
     ring = (state.rounds_b - 1) % lay.rounds
     rows = jnp.arange(b)
     state = state.replace(
@@ -272,16 +272,16 @@ def _decode(model: Model, spec: EngineSpec, state: CacheState, first_b, gen_slot
                               decode_logits_bmv=logits_bmv if collect_logits else None)
 
 
-def _content_length(gen_bm, n_gen_b, spec: EngineSpec):
+def content_length(gen_bm, n_gen_b, im_end: int, end_marker: tuple[int, ...]):
     """Commentary tokens of each stream's round: generated tokens less a final <|im_end|> and the
     " ..." before it."""
     idx = jnp.maximum(n_gen_b - 1, 0)
-    ended = (n_gen_b > 0) & (jnp.take_along_axis(gen_bm, idx[:, None], 1)[:, 0] == spec.im_end)
+    ended = (n_gen_b > 0) & (jnp.take_along_axis(gen_bm, idx[:, None], 1)[:, 0] == im_end)
     content = jnp.where(ended, n_gen_b - 1, n_gen_b)
-    m = len(spec.end_marker)
+    m = len(end_marker)
     if m:
         start = content - m
         window = jax.vmap(lambda g, s: jax.lax.dynamic_slice(jnp.pad(g, (m, 0)), (s + m,), (m,)))(gen_bm, start)
-        has_marker = ended & (start >= 0) & jnp.all(window == jnp.asarray(spec.end_marker), axis=1)
+        has_marker = ended & (start >= 0) & jnp.all(window == jnp.asarray(end_marker), axis=1)
         content = jnp.where(has_marker, start, content)
     return content

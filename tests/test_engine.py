@@ -69,3 +69,72 @@ def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rn
     scale = np.abs(ref).max()
     for index, logits in expected:
         assert np.abs(logits - ref[index]).max() <= 1e-4 * scale, f"token {index} of {len(seq)}"
+
+
+def end_prone(model, tokenizer):
+    """A random model rarely says <|im_end|>: point its head row at the embedding of the token greedy
+    decoding repeats most (found by running the engine), so that rounds end now and then."""
+    import collections
+
+    import jax.numpy as jnp
+
+    session = StreamingSession(model, tokenizer, StreamConfig(max_new_tokens=4, sampling=GREEDY))
+    rng = np.random.default_rng(0)
+    counts = collections.Counter()
+    for i in range(8):
+        session.step_batch([random_second(rng)], [float(i)], [float(i + 1)])
+        counts.update(np.asarray(session.last_output.tokens_bm)[0].tolist())
+    p = model.params.text
+    direction = p.embed_vd[counts.most_common(1)[0][0]] * p.final_norm_d
+    scale = 3.0 * jnp.linalg.norm(p.lm_head_dv, axis=0).mean() / jnp.linalg.norm(direction)
+    head = p.lm_head_dv.at[:, tokenizer.special.im_end].set(scale * direction)
+    return model.replace(params=model.params.replace(text=p.replace(lm_head_dv=head)))
+
+
+def test_policy_matches_slow_reference(stream_model, stream_tokenizer, rng):
+    """>= 100 rounds with windows small enough that the sink fills, the text ring wraps, vision
+    and rounds expire: same retained ids, positions, first-token logits and greedy tokens."""
+    from svlm_jax.model import rope
+    from tests.slow_stream import SlowStream
+
+    knobs = dict(text_rounds=3, text_sink=5, text_window=7)
+    cfg = StreamConfig(vision_window_s=2, max_new_tokens=4, sampling=GREEDY, previous_text="Red 1 Blue 0.", **knobs)
+    model = end_prone(stream_model, stream_tokenizer)
+    session = StreamingSession(model, stream_tokenizer, cfg)
+    slow = SlowStream(model, stream_tokenizer, vision_rounds=2, max_new=4, previous_text=cfg.previous_text,
+                      resume_span=rope.vision_span(GRID, 2, 2.0, "max_hw"), **knobs)
+    scale = None
+    ended = 0
+    for i in range(104):
+        rows, grid = random_second(rng)
+        session.step_batch([(rows, grid)], [float(i)], [float(i + 1)], collect_logits=True)
+        out = session.last_output
+        gen = [int(t) for t in np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])]]
+        logits_ref, gen_ref = slow.round(i, rows, GRID, float(i), float(i + 1))
+        assert gen == gen_ref, f"round {i}"
+        ended += gen[-1] == session.chat.im_end
+        lay = session._spec.layout
+        pre = np.asarray(out.prefill_logits_bqv)[0]
+        last = lay.close_len + lay.tail_len + lay.before_cap + lay.n_vision + lay.after_cap - 1
+        if i > 0:  # later rounds: after has no query, so its last token sits earlier
+            last -= lay.after_cap - len(prompt.user_turn(session.chat, stream_tokenizer.encode, 1.0, 2.0, None)[1])
+        scale = scale or np.abs(logits_ref).max()
+        assert np.abs(pre[last] - logits_ref).max() <= 1e-4 * scale, f"round {i}"
+        view = session.cache_view()
+        retained = slow.retained()
+        assert [c.token_id for c in view] == [e.token for e in retained], f"round {i}"
+        assert np.array_equal(np.array([c.position for c in view]), slow.positions(retained)), f"round {i}"
+    assert 5 <= ended <= 100, ended  # both ways a round ends are exercised
+    assert len(slow.previous) > 5 + 7  # the sink filled and the window wrapped
+
+
+def test_content_length_known_answers():
+    """Commentary moved to the previous text: no <|im_end|>, no " ..." before it, nothing else cut."""
+    import jax.numpy as jnp
+
+    from svlm_jax.engine import content_length
+
+    gen = jnp.array([[1, 2, 5, 6, 9, 0], [1, 5, 6, 0, 0, 0], [5, 6, 9, 0, 0, 0], [1, 2, 6, 9, 0, 0],
+                     [9, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
+    n_gen = jnp.array([5, 3, 3, 4, 1, 6])
+    assert content_length(gen, n_gen, 9, (5, 6)).tolist() == [2, 3, 0, 3, 0, 6]
