@@ -152,9 +152,10 @@ def start_streams(model: Model, spec: EngineSpec, state: CacheState, join_b, pre
     return state
 
 
-def _round_queries(spec: EngineSpec, state: CacheState, inputs: RoundInputs):
+def _round_queries(spec: EngineSpec, state: CacheState, inputs: RoundInputs, forced=None):
     """Ids, destination slots and activity of the round's prefill queries: close and tail of the
-    previous round (if it is still cached), then this round's before / vision / after tokens."""
+    previous round (if it is still cached), then this round's before / vision / after tokens, then
+    (`forced` = (tokens [B, max_new], counts [B]), replays only) its known commentary."""
     lay = spec.layout
     i = state.rounds_b - 1  # this round (begin_round already counted it)
     cur = lay.round_slot(i % lay.rounds)
@@ -180,6 +181,10 @@ def _round_queries(spec: EngineSpec, state: CacheState, inputs: RoundInputs):
         (inputs.after_bt, cur[:, None] + lay.after_off + jnp.arange(lay.after_cap),
          jnp.arange(lay.after_cap) < inputs.n_after_b[:, None]),
     ]
+    if forced is not None:
+        tokens_bm, n_bm = forced
+        parts.append((tokens_bm, cur[:, None] + lay.gen_off + jnp.arange(lay.max_new),
+                      jnp.arange(lay.max_new) < n_bm[:, None]))
     tokens, dest, active = (jnp.concatenate([p[k] for p in parts], axis=1) for k in range(3))
     active = active & state.active_b[:, None]
     return tokens.astype(jnp.int32), dest.astype(jnp.int32), active
@@ -190,38 +195,52 @@ def _seen_tokens(state: CacheState, vocab: int):
     return jax.vmap(lambda t, v: jnp.zeros((vocab,), bool).at[t].max(v))(state.token_bs, state.valid_bs)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 7), donate_argnums=2)
-def round_step(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundInputs, rows_bpv,
-               layout: vision.VisionLayout, keys_b, collect_logits: bool = False):
-    """One second for every active stream; returns the new state and the generated tokens."""
+def _begin_and_prefill(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundInputs, rows_bpv,
+                       layout: vision.VisionLayout, forced=None):
+    """Retire what leaves the cache, encode the frames of all streams in one tower call, prefill."""
     lay, cfg = spec.layout, model.config
-    # 1. retire what leaves the cache
+
     def begin(row):
         new = begin_round(lay, row)
         return jax.tree.map(lambda a, b: jnp.where(row["active_b"], a, b), new, row)
 
     state = per_row(begin, state)
-    # 2. vision: all streams' frames in one tower call
     b = rows_bpv.shape[0]
     feats = vision.encode(cfg.vision, model.params.vision, rows_bpv.reshape(-1, rows_bpv.shape[-1]), layout)
-    feats_bnd = feats.reshape(b, lay.n_vision, -1)
-    # 3. prefill
-    tokens, dest, active = _round_queries(spec, state, inputs)
+    tokens, dest, active = _round_queries(spec, state, inputs, forced)
     embeds = model.params.text.embed_vd[tokens]
     v0 = lay.close_len + lay.tail_len + lay.before_cap
-    embeds = embeds.at[:, v0:v0 + lay.n_vision].set(feats_bnd.astype(embeds.dtype))
+    embeds = embeds.at[:, v0:v0 + lay.n_vision].set(feats.reshape(b, lay.n_vision, -1).astype(embeds.dtype))
     hidden, state, last = _prefill(model, spec, state, tokens, dest, active, embeds)
+    return state, hidden, dest, last
+
+
+@functools.partial(jax.jit, static_argnums=(1, 7), donate_argnums=2)
+def round_step(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundInputs, rows_bpv,
+               layout: vision.VisionLayout, keys_b, collect_logits: bool = False):
+    """One second for every active stream; returns the new state and the generated tokens."""
+    lay = spec.layout
+    state, hidden, dest, last = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout)
     logits_bv = text.logits(model.params.text, jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
     positions = slot_positions(spec, state)
     gen_pos_b3 = jnp.take_along_axis(positions, jnp.take_along_axis(dest, last[:, None], 1)[:, :, None], 1)[:, 0] + 1
-    seen = _seen_tokens(state, cfg.text.vocab_size)
+    seen = _seen_tokens(state, model.config.text.vocab_size)
     first = sampling.next_token(logits_bv, seen, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys_b), spec.sampling)
-    # 4. decode
     cur = lay.round_slot((state.rounds_b - 1) % lay.rounds) + lay.gen_off
     state, out = _decode(model, spec, state, first, cur, gen_pos_b3, seen, keys_b, collect_logits)
     if collect_logits:
         out = out.replace(prefill_logits_bqv=text.logits(model.params.text, hidden))
     return state, out
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=2)
+def replay_round(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundInputs, rows_bpv,
+                 layout: vision.VisionLayout, tokens_bm, n_gen_b):
+    """Re-run a past round with its known commentary, nothing generated (the sliding-window-with-
+    overlap baseline rebuilds its context this way every second)."""
+    lay = spec.layout
+    state, _, _, _ = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout, (tokens_bm, n_gen_b))
+    return _finish_round(spec, state, tokens_bm, n_gen_b, state.next_native_b)
 
 
 def _decode(model: Model, spec: EngineSpec, state: CacheState, first_b, gen_slot_b, gen_pos_b3, seen_bv, keys_b,
@@ -261,15 +280,22 @@ def _decode(model: Model, spec: EngineSpec, state: CacheState, first_b, gen_slot
     init = (jnp.int32(0), first_b, ~state.active_b, jnp.zeros((b, lay.max_new), jnp.int32), zeros_b, state,
             seen_bv, rotary_positions, logits_bmv)
     _, _, _, gen, n_gen, state, _, _, logits_bmv = jax.lax.while_loop(cond, body, init)
-    content = content_length(gen, n_gen, spec.im_end, spec.end_marker)
-    ring = (state.rounds_b - 1) % lay.rounds
-    rows = jnp.arange(b)
-    state = state.replace(
-        n_gen_br=state.n_gen_br.at[rows, ring].set(jnp.where(state.active_b, n_gen, state.n_gen_br[rows, ring])),
-        content_br=state.content_br.at[rows, ring].set(jnp.where(state.active_b, content, state.content_br[rows, ring])),
-        next_native_b=jnp.where(state.active_b, gen_pos_b3[:, 0] + n_gen, state.next_native_b))
+    state = _finish_round(spec, state, gen, n_gen, gen_pos_b3[:, 0] + n_gen)
     return state, RoundOutput(tokens_bm=gen, n_gen_b=n_gen,
                               decode_logits_bmv=logits_bmv if collect_logits else None)
+
+
+def _finish_round(spec: EngineSpec, state: CacheState, gen_bm, n_gen_b, next_native_b):
+    """Record the round's generated count and commentary length (what will move to the previous
+    text when it leaves) and where native positions continue."""
+    ring = (state.rounds_b - 1) % spec.layout.rounds
+    rows = jnp.arange(gen_bm.shape[0])
+    active = state.active_b
+    content = content_length(gen_bm, n_gen_b, spec.im_end, spec.end_marker)
+    return state.replace(
+        n_gen_br=state.n_gen_br.at[rows, ring].set(jnp.where(active, n_gen_b, state.n_gen_br[rows, ring])),
+        content_br=state.content_br.at[rows, ring].set(jnp.where(active, content, state.content_br[rows, ring])),
+        next_native_b=jnp.where(active, next_native_b, state.next_native_b))
 
 
 def content_length(gen_bm, n_gen_b, im_end: int, end_marker: tuple[int, ...]):

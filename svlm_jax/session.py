@@ -10,6 +10,7 @@ row with its own previous text, `leave` frees it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -23,7 +24,14 @@ from svlm_jax.model import rope, vision
 from svlm_jax.model.params import Model
 from svlm_jax.model.vlm import video_time_interval
 
+# streaming: the StreamingVLM cache. The paper's baselines: full (nothing evicted, until the budget
+# of `full_max_s` seconds is spent), sliding (a fresh context every `text_rounds` seconds), and
+# sliding_overlap (every second, the last `text_rounds` seconds re-encoded and re-prefilled).
 SCHEMES = ("streaming", "full", "sliding", "sliding_overlap")
+
+
+class CacheFullError(RuntimeError):
+    """The full-attention baseline ran out of its memory budget."""
 # Streaming bounds of the reference (METHOD.md §2): 100 to 768 merged 28-px cells per frame.
 STREAM_PREPROCESS = VisionPreprocessConfig(min_pixels=100 * 28 * 28, max_pixels=768 * 28 * 28)
 
@@ -75,6 +83,8 @@ class StreamingSession:
         self._vision_layout = None
         self._rounds = np.zeros(batch, np.int64)
         self._pending_join = list(range(batch))
+        self._context_rounds = np.zeros(batch, np.int64)  # rounds since the row's context began
+        self._history = collections.deque(maxlen=max(config.text_rounds - 1, 0))  # sliding_overlap
         self.last_output: engine.RoundOutput | None = None
         self._previous = [config.previous_text] * batch
 
@@ -90,22 +100,34 @@ class StreamingSession:
         The engine's full output (tokens; logits with `collect_logits`) stays in `last_output`."""
         rows, grid = self._patches(seconds)
         self._ensure_engine(grid)
+        self._apply_scheme(seconds)
         self._start_pending()
+        if self.config.scheme == "sliding_overlap":
+            for past in self._history:
+                inputs = self._round_inputs(past["t_starts"], past["t_ends"])
+                self._state = engine.replay_round(self.model, self._spec, self._state, inputs, past["rows"],
+                                                  self._vision_layout, past["tokens"], past["n_gen"])
+                self._context_rounds += 1
         inputs = self._round_inputs(t_starts, t_ends)
         keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(self.config.seed), r))(jnp.asarray(self._rounds))
         self._state, out = engine.round_step(self.model, self._spec, self._state, inputs, rows,
                                              self._vision_layout, keys, collect_logits)
         self.last_output = out
         self._rounds += 1
+        self._context_rounds += 1
+        if self.config.scheme == "sliding_overlap":
+            self._history.append(dict(rows=rows, t_starts=list(t_starts), t_ends=list(t_ends),
+                                      tokens=out.tokens_bm, n_gen=out.n_gen_b))
         tokens, n_gen = np.asarray(out.tokens_bm), np.asarray(out.n_gen_b)
         return [self._text(tokens[b, :n_gen[b]]) for b in range(self.batch)]
 
     def join(self, row: int, previous_text: str = "") -> None:
         """(Re)start the stream of batch row `row` with its own previous text."""
+        if self.config.scheme in ("sliding", "sliding_overlap") and self.batch > 1:
+            raise ValueError(f"scheme {self.config.scheme!r} runs its streams in lockstep: no joining")
         self._previous[row] = previous_text
         self._rounds[row] = 0
-        if row not in self._pending_join:
-            self._pending_join.append(row)
+        self._restart(row)
 
     def leave(self, row: int) -> None:
         if self._state is not None:
@@ -132,6 +154,27 @@ class StreamingSession:
         return out
 
     # ------------------------------------------------------------ internals
+    def _restart(self, row: int):
+        self._context_rounds[row] = 0
+        if row not in self._pending_join:
+            self._pending_join.append(row)
+
+    def _apply_scheme(self, seconds):
+        """Baseline schemes act before a round: refuse past the budget, or restart contexts."""
+        sc, rows = self.config, [b for b, sec in enumerate(seconds) if sec is not None]
+        if sc.scheme == "full" and any(self._context_rounds[b] >= self._spec.layout.rounds for b in rows):
+            raise CacheFullError(f"full attention ran out of its memory budget of {sc.full_max_s} s of video "
+                                 f"({self._spec.layout.size} cache slots per stream)")
+        if sc.scheme == "sliding":
+            for b in rows:
+                if self._context_rounds[b] == sc.text_rounds:
+                    self._restart(b)
+        if sc.scheme == "sliding_overlap":
+            if len(rows) != self.batch:
+                raise ValueError("scheme 'sliding_overlap' needs every stream of the batch in every step")
+            for b in rows:
+                self._restart(b)
+
     def _patches(self, seconds):
         rows, grid = [], None
         for sec in seconds:
@@ -169,6 +212,8 @@ class StreamingSession:
         after = len(prompt.user_turn(ct, enc, 0.0, 1.0, sc.query)[1])
         if sc.scheme == "full":
             rounds = vision_rounds = sc.full_max_s
+        elif sc.scheme != "streaming":  # sliding baselines never hold more than their window
+            rounds = vision_rounds = sc.text_rounds
         else:
             rounds, vision_rounds = sc.text_rounds, max(1, min(sc.vision_window_s, sc.text_rounds))
         layout = CacheLayout(
@@ -222,7 +267,7 @@ class StreamingSession:
         for row in range(self.batch):
             if t_starts[row] is None:
                 continue
-            query = self.config.query if self._rounds[row] == 0 else None
+            query = self.config.query if self._context_rounds[row] == 0 else None
             b, a = prompt.user_turn(ct, enc, t_starts[row], t_ends[row], query)
             if len(b) > lay.before_cap:
                 raise ValueError(f"time label {prompt.time_label(t_starts[row], t_ends[row])} is too long")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,107 @@ def test_content_length_known_answers():
                      [9, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
     n_gen = jnp.array([5, 3, 3, 4, 1, 6])
     assert content_length(gen, n_gen, 9, (5, 6)).tolist() == [2, 3, 0, 3, 0, 6]
+
+
+def test_batched_streams_equal_single_streams(stream_model, stream_tokenizer, rng):
+    """Three streams with their own previous text and frames, one joining late and one leaving,
+    give the tokens the same streams give alone. Sampled (not greedy): rngs are per stream."""
+    cfg = StreamConfig(text_rounds=3, vision_window_s=2, text_sink=4, text_window=6, max_new_tokens=4,
+                       sampling=SamplingConfig(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1))
+    previous = ["Red 1 Blue 0.", "", "Foul by Blue, number 2."]
+    frames = [[random_second(rng) for _ in range(7)] for _ in range(3)]
+    starts = [0, 0, 2]   # stream 2 joins at step 2
+    stops = [7, 5, 7]    # stream 1 leaves after step 4
+    batched = StreamingSession(stream_model, stream_tokenizer, cfg, batch=3)
+    for row in range(3):
+        batched.join(row, previous[row])
+    batched.leave(2)
+    got = [[] for _ in range(3)]
+    for step in range(7):
+        if step == starts[2]:
+            batched.join(2, previous[2])
+        if step == stops[1]:
+            batched.leave(1)
+        live = [starts[r] <= step < stops[r] for r in range(3)]
+        secs = [frames[r][step - starts[r]] if live[r] else None for r in range(3)]
+        ts = [float(step - starts[r]) if live[r] else None for r in range(3)]
+        out = batched.step_batch(secs, ts, [t + 1 if t is not None else None for t in ts])
+        for r in range(3):
+            if live[r]:
+                got[r].append(out[r])
+    for r in range(3):
+        single = StreamingSession(stream_model, stream_tokenizer, dataclasses.replace(cfg, previous_text=previous[r]))
+        alone = [single.step(frames[r][k], float(k), float(k + 1)) for k in range(stops[r] - starts[r])]
+        assert alone == got[r], f"stream {r}"
+        assert any(alone), "sampling produced text"
+
+
+def test_no_recompilation_and_constant_memory(stream_model, stream_tokenizer, rng):
+    import jax
+
+    cfg = StreamConfig(text_rounds=3, vision_window_s=2, text_sink=4, text_window=6, max_new_tokens=3)
+    session = StreamingSession(stream_model, stream_tokenizer, cfg)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    second = random_second(rng)
+    live_bytes = {}
+    for i in range(200):
+        if i == 2:
+            compiles.clear()
+        session.step(second, float(i), float(i + 1))
+        if i in (20, 199):
+            live_bytes[i] = sum(a.nbytes for a in jax.live_arrays())
+    assert compiles == [], f"{len(compiles)} compilations after round 2"
+    assert live_bytes[199] == live_bytes[20]
+
+
+def test_sliding_overlap_rebuilds_last_window(stream_model, stream_tokenizer, rng):
+    """Every second the baseline re-prefills the last W seconds from scratch: its first-token
+    logits equal `forward` over exactly that context."""
+    W = 3
+    cfg = StreamConfig(text_rounds=W, max_new_tokens=3, sampling=GREEDY, scheme="sliding_overlap",
+                       previous_text="Red 1 Blue 0.")
+    session = StreamingSession(stream_model, stream_tokenizer, cfg)
+    ct, enc = session.chat, stream_tokenizer.encode
+    history = []
+    for i in range(6):
+        rows, grid = random_second(rng)
+        session.step_batch([(rows, grid)], [float(i)], [float(i + 1)], collect_logits=True)
+        out = session.last_output
+        history.append((rows, [int(t) for t in np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])]]))
+        window = list(range(max(0, i - W + 1), i + 1))
+        seq = (prompt.system_block(ct, enc) + prompt.previous_header(ct, enc) + enc(cfg.previous_text)
+               + prompt.previous_footer(ct))
+        for k in window:
+            before, after = prompt.user_turn(ct, enc, float(k), float(k + 1), cfg.query if k == window[0] else None)
+            seq += before + [ct.video_pad] * (int(np.prod(GRID)) // 4) + after
+            if k != i:
+                gen = history[k][1]
+                seq += gen + ([] if gen[-1] == ct.im_end else [*ct.end_marker, ct.im_end]) + prompt.round_tail(ct)
+        ref = np.asarray(svlm_jax.forward(stream_model, np.array([seq]),
+                                          pixel_values_videos=np.concatenate([history[k][0] for k in window]),
+                                          video_grid_thw=np.array([GRID] * len(window))))[0, -1]
+        lay = session._spec.layout
+        n_after = len(prompt.user_turn(ct, enc, 0.0, 1.0, cfg.query if len(window) == 1 else None)[1])
+        last = lay.close_len + lay.tail_len + lay.before_cap + lay.n_vision + n_after - 1
+        got = np.asarray(out.prefill_logits_bqv)[0, last]
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), f"second {i}"
+
+
+def test_sliding_restarts_and_full_runs_out(stream_model, stream_tokenizer, rng):
+    from svlm_jax.session import CacheFullError
+
+    sliding = StreamingSession(stream_model, stream_tokenizer,
+                               StreamConfig(text_rounds=2, max_new_tokens=2, scheme="sliding"))
+    full = StreamingSession(stream_model, stream_tokenizer, StreamConfig(max_new_tokens=2, scheme="full", full_max_s=3))
+    for i in range(3):
+        sliding.step(random_second(rng), float(i), float(i + 1))
+        full.step(random_second(rng), float(i), float(i + 1))
+    pads = int(np.prod(GRID)) // 4
+    # seconds 0-1 filled the first window; second 2 started a fresh context holding only itself
+    assert sum(c.token_id == sliding.chat.video_pad for c in sliding.cache_view()) == pads
+    assert sum(c.token_id == sliding.chat.im_start for c in sliding.cache_view()) == 2 + 2
+    assert sum(c.token_id == full.chat.video_pad for c in full.cache_view()) == 3 * pads
+    with pytest.raises(CacheFullError, match="memory budget of 3 s"):
+        full.step(random_second(rng), 3.0, 4.0)
