@@ -102,7 +102,8 @@ def _attend_layers(model: Model, state: CacheState, x_bqd, dest_bq, q_pos_bq3, q
 
 def _prefill(model: Model, spec: EngineSpec, state: CacheState, tokens_bq, dest_bq, active_bq, embeds_bqd):
     """Write the ids of the active queries at their slots, recompute positions, run the layers.
-    Inactive queries (padding) write nothing and see nothing. Returns hidden [B, Q, D] and state."""
+    Inactive queries (padding) write nothing and see nothing. Returns hidden [B, Q, D], the state,
+    the index of each stream's last active query and the positions [B, S, 3] keys rotate by."""
     size = spec.layout.size
     dest_bq = jnp.where(active_bq, dest_bq, size)
     put = jax.vmap(lambda a, d, x: a.at[d].set(x, mode="drop"))
@@ -127,7 +128,7 @@ def _prefill(model: Model, spec: EngineSpec, state: CacheState, tokens_bq, dest_
     kv_order_bs = put(jnp.zeros_like(state.token_bs), dest_bq, q_order_bq)
     hidden, state = _attend_layers(model, state, embeds_bqd, dest_bq, q_pos_bq3, active_bq.astype(jnp.int32),
                                    q_order_bq, kv_order_bs, k_pos_bs3)
-    return hidden, state, last_active
+    return hidden, state, last_active, k_pos_bs3
 
 
 @functools.partial(jax.jit, static_argnums=1, donate_argnums=2)
@@ -148,8 +149,7 @@ def start_streams(model: Model, spec: EngineSpec, state: CacheState, join_b, pre
     dest = jnp.broadcast_to(jnp.arange(lay.rounds_start, dtype=jnp.int32), prefix_bp.shape)
     active = prefix_valid_bp & join_b[:, None]
     embeds = model.params.text.embed_vd[prefix_bp]
-    _, state, _ = _prefill(model, spec, state, prefix_bp, dest, active, embeds)
-    return state
+    return _prefill(model, spec, state, prefix_bp, dest, active, embeds)[1]
 
 
 def _round_queries(spec: EngineSpec, state: CacheState, inputs: RoundInputs, forced=None):
@@ -211,8 +211,8 @@ def _begin_and_prefill(model: Model, spec: EngineSpec, state: CacheState, inputs
     embeds = model.params.text.embed_vd[tokens]
     v0 = lay.close_len + lay.tail_len + lay.before_cap
     embeds = embeds.at[:, v0:v0 + lay.n_vision].set(feats.reshape(b, lay.n_vision, -1).astype(embeds.dtype))
-    hidden, state, last = _prefill(model, spec, state, tokens, dest, active, embeds)
-    return state, hidden, dest, last
+    hidden, state, last, k_pos_bs3 = _prefill(model, spec, state, tokens, dest, active, embeds)
+    return state, hidden, dest, last, k_pos_bs3
 
 
 @functools.partial(jax.jit, static_argnums=(1, 7), donate_argnums=2)
@@ -220,14 +220,14 @@ def round_step(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundI
                layout: vision.VisionLayout, keys_b, collect_logits: bool = False):
     """One second for every active stream; returns the new state and the generated tokens."""
     lay = spec.layout
-    state, hidden, dest, last = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout)
+    state, hidden, dest, last, k_pos_bs3 = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout)
     logits_bv = text.logits(model.params.text, jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
-    positions = slot_positions(spec, state)
-    gen_pos_b3 = jnp.take_along_axis(positions, jnp.take_along_axis(dest, last[:, None], 1)[:, :, None], 1)[:, 0] + 1
+    last_slot = jnp.take_along_axis(dest, last[:, None], 1)
+    gen_pos_b3 = jnp.take_along_axis(k_pos_bs3, last_slot[:, :, None], 1)[:, 0] + 1
     seen = _seen_tokens(state, model.config.text.vocab_size)
     first = sampling.next_token(logits_bv, seen, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys_b), spec.sampling)
     cur = lay.round_slot((state.rounds_b - 1) % lay.rounds) + lay.gen_off
-    state, out = _decode(model, spec, state, first, cur, gen_pos_b3, seen, keys_b, collect_logits)
+    state, out = _decode(model, spec, state, first, cur, gen_pos_b3, k_pos_bs3, seen, keys_b, collect_logits)
     if collect_logits:
         out = out.replace(prefill_logits_bqv=text.logits(model.params.text, hidden))
     return state, out
@@ -238,17 +238,17 @@ def replay_round(model: Model, spec: EngineSpec, state: CacheState, inputs: Roun
                  layout: vision.VisionLayout, tokens_bm, n_gen_b):
     """Re-run a past round with its known commentary, nothing generated (the sliding-window-with-
     overlap baseline rebuilds its context this way every second)."""
-    lay = spec.layout
-    state, _, _, _ = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout, (tokens_bm, n_gen_b))
+    state = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout, (tokens_bm, n_gen_b))[0]
     return _finish_round(spec, state, tokens_bm, n_gen_b, state.next_native_b)
 
 
-def _decode(model: Model, spec: EngineSpec, state: CacheState, first_b, gen_slot_b, gen_pos_b3, seen_bv, keys_b,
-            collect_logits: bool):
+def _decode(model: Model, spec: EngineSpec, state: CacheState, first_b, gen_slot_b, gen_pos_b3, k_pos_bs3, seen_bv,
+            keys_b, collect_logits: bool):
+    """Feed tokens one at a time (the first from the prefill) until each stream has fed <|im_end|>
+    or `max_new` tokens; generated slots get positions gen_pos + m."""
     lay = spec.layout
     b = first_b.shape[0]
     size = lay.size
-    rotary_positions = slot_positions(spec, state)
 
     def cond(carry):
         m, _, done, *_ = carry
@@ -278,7 +278,7 @@ def _decode(model: Model, spec: EngineSpec, state: CacheState, first_b, gen_slot
     zeros_b = jnp.zeros((b,), jnp.int32)
     logits_bmv = jnp.zeros((b, lay.max_new, seen_bv.shape[1]) if collect_logits else (), jnp.float32)
     init = (jnp.int32(0), first_b, ~state.active_b, jnp.zeros((b, lay.max_new), jnp.int32), zeros_b, state,
-            seen_bv, rotary_positions, logits_bmv)
+            seen_bv, k_pos_bs3, logits_bmv)
     _, _, _, gen, n_gen, state, _, _, logits_bmv = jax.lax.while_loop(cond, body, init)
     state = _finish_round(spec, state, gen, n_gen, gen_pos_b3[:, 0] + n_gen)
     return state, RoundOutput(tokens_bm=gen, n_gen_b=n_gen,
