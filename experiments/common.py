@@ -1,0 +1,34 @@
+"""What every benchmark records next to its numbers: device, versions, commit."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import jax
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    dev = jax.devices()[0]
+    return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+            "python": platform.python_version(), "host": platform.machine(), "commit": commit}
+
+
+def device_tag() -> str:
+    return jax.devices()[0].device_kind.lower().replace(" ", "_")
+
+
+def write_result(name: str, payload: dict, out: str | Path | None = None) -> Path:
+    path = Path(out) if out else RESULTS / f"{name}_{device_tag()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**environment(), **payload}, indent=2))
+    return path
