@@ -92,11 +92,11 @@ def _compiles(name: str, run, operands, static) -> bool:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), operands)
     key = (name, str(abstract), static)
     if key not in _COMPILES:
-        to_compile = run
-        if name == "flash_train":
-            def to_compile(args, k_positions_bk3):
-                out, vjp = jax.vjp(lambda q, k, v: run((q, k, v, *args[3:]), k_positions_bk3), *args[:3])
-                return vjp(out)
+        def with_gradient(args, k_positions_bk3):
+            out, vjp = jax.vjp(lambda q, k, v: run((q, k, v, *args[3:]), k_positions_bk3), *args[:3])
+            return vjp(out)
+
+        to_compile = with_gradient if name == "flash_train" else run
         try:
             jax.jit(to_compile).lower(*abstract).compile()
             _COMPILES[key] = True

@@ -21,6 +21,7 @@ from svlm_jax import engine, prompt, sampling
 from svlm_jax.cache import CacheLayout, empty_state, logical_order
 from svlm_jax.media.preprocess import VisionPreprocessConfig, preprocess_video
 from svlm_jax.model import rope, vision
+from svlm_jax.config import ModelConfig
 from svlm_jax.model.params import Model
 from svlm_jax.model.vlm import video_time_interval
 
@@ -52,6 +53,7 @@ class StreamConfig:
     system: str = prompt.SYSTEM
     scheme: str = "streaming"
     full_max_s: int = 600        # scheme "full": the memory budget, in seconds of video
+    fps: float = 2.0             # frames per second of input (sets the temporal M-RoPE step)
     seed: int = 0
 
     def __post_init__(self):
@@ -59,10 +61,37 @@ class StreamConfig:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.text_rounds < 1 or self.vision_window_s < 0 or self.text_sink < 0 or self.text_window < 0:
             raise ValueError("text_rounds must be >= 1; windows and sink sizes >= 0")
+        if self.fps <= 0:
+            raise ValueError("fps must be positive")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if self.pos_mode not in engine.POS_MODES:
             raise ValueError(f"pos_mode must be one of {engine.POS_MODES}, got {self.pos_mode!r}")
+
+
+def cache_layout(model_config: ModelConfig, chat: prompt.ChatTokens, encode, config: StreamConfig,
+                 grid_thw: tuple[int, int, int]) -> CacheLayout:
+    """The cache a session builds for these settings and one second's vision grid."""
+    merge = model_config.vision.spatial_merge_size
+    dt = video_time_interval(model_config, model_config.vision.temporal_patch_size / config.fps)
+    offsets = rope.vision_block_positions(0, grid_thw, merge, dt)
+    head = prompt.system_block(chat, encode, config.system) + prompt.previous_header(chat, encode)
+    # Room for the longest time label a stream can reach (over a day of video), plus slack.
+    before_cap = max(len(prompt.user_turn(chat, encode, t, t + 1.0, None)[0]) for t in (0.0, 99999.0)) + 2
+    if config.scheme == "full":
+        rounds = vision_rounds = config.full_max_s
+    elif config.scheme == "streaming":
+        rounds, vision_rounds = config.text_rounds, max(1, min(config.vision_window_s, config.text_rounds))
+    else:  # the sliding baselines keep whole windows
+        rounds = vision_rounds = config.text_rounds
+    return CacheLayout(
+        head_len=len(head), text_sink=config.text_sink, text_window=config.text_window,
+        footer_len=len(prompt.previous_footer(chat)), rounds=rounds, vision_rounds=vision_rounds,
+        before_cap=before_cap, n_vision=len(offsets),
+        after_cap=len(prompt.user_turn(chat, encode, 0.0, 1.0, config.query)[1]), max_new=config.max_new_tokens,
+        close_len=len(chat.end_marker) + 1, tail_len=len(prompt.round_tail(chat)),
+        vision_offsets=tuple(tuple(int(v) for v in o) for o in offsets),
+        vision_span=rope.vision_span(grid_thw, merge, dt, model_config.resume_rule))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,37 +230,18 @@ class StreamingSession:
     def _ensure_engine(self, grid):
         if self._spec is not None:
             return
-        cfg, sc, ct = self.model.config, self.config, self.chat
-        merge = cfg.vision.spatial_merge_size
-        dt = video_time_interval(cfg)
-        offsets = rope.vision_block_positions(0, grid, merge, dt)
-        enc = self.tokenizer.encode
-        head = prompt.system_block(ct, enc, sc.system) + prompt.previous_header(ct, enc)
-        longest = max(len(x) for x in (prompt.user_turn(ct, enc, 99999.0, 100000.0, None)[0],
-                                       prompt.user_turn(ct, enc, 0.0, 1.0, None)[0]))
-        after = len(prompt.user_turn(ct, enc, 0.0, 1.0, sc.query)[1])
-        if sc.scheme == "full":
-            rounds = vision_rounds = sc.full_max_s
-        elif sc.scheme != "streaming":  # sliding baselines never hold more than their window
-            rounds = vision_rounds = sc.text_rounds
-        else:
-            rounds, vision_rounds = sc.text_rounds, max(1, min(sc.vision_window_s, sc.text_rounds))
-        layout = CacheLayout(
-            head_len=len(head), text_sink=sc.text_sink, text_window=sc.text_window,
-            footer_len=len(prompt.previous_footer(ct)), rounds=rounds, vision_rounds=vision_rounds,
-            before_cap=longest + 2, n_vision=len(offsets), after_cap=after,
-            max_new=sc.max_new_tokens, close_len=len(ct.end_marker) + 1, tail_len=len(prompt.round_tail(ct)),
-            vision_offsets=tuple(tuple(int(v) for v in o) for o in offsets),
-            vision_span=rope.vision_span(grid, merge, dt, cfg.resume_rule))
+        cfg, ct = self.model.config, self.chat
+        layout = cache_layout(cfg, ct, self.tokenizer.encode, self.config, grid)
         self._spec = engine.EngineSpec(
-            layout=layout, sampling=sc.sampling, pos_mode=sc.pos_mode, im_end=ct.im_end, video_pad=ct.video_pad,
-            close_ids=(*ct.end_marker, ct.im_end), end_marker=ct.end_marker,
+            layout=layout, sampling=self.config.sampling, pos_mode=self.config.pos_mode, im_end=ct.im_end,
+            video_pad=ct.video_pad, close_ids=(*ct.end_marker, ct.im_end), end_marker=ct.end_marker,
             tail_ids=tuple(prompt.round_tail(ct)), grid_thw=grid)
         t = cfg.text
         self._state = empty_state(layout, t.num_layers, self.batch, t.num_kv_heads, t.head_dim,
                                   self.model.params.text.embed_vd.dtype)
         self._vision_layout = vision.vision_layout(cfg.vision, [grid] * self.batch)
-        self._head = head
+        self._head = prompt.system_block(ct, self.tokenizer.encode, self.config.system) + \
+            prompt.previous_header(ct, self.tokenizer.encode)
 
     def _start_pending(self):
         if not self._pending_join:
@@ -284,4 +294,4 @@ class StreamingSession:
             marker = list(self.chat.end_marker)
             if marker and ids[len(ids) - len(marker):] == marker:
                 ids = ids[:len(ids) - len(marker)]
-        return self.tokenizer.decode(ids).strip()
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

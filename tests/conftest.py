@@ -89,12 +89,10 @@ def random_stream_model(tokenizer, *, seed: int = 0, model_type: str = "qwen2_5_
     cfg = dataclasses.replace(tiny(model_type, vocab_size=tokenizer.vocab_size), image_token_id=sp.image_pad,
                               video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
                               vision_end_token_id=sp.vision_end)
-    key = jax.random.key(seed)
-    params = svlm_jax.init_params(cfg, key, std=0.1)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return Model(config=cfg, params=jax.tree.unflatten(tree, leaves))
+    params = svlm_jax.init_params(cfg, jax.random.key(seed), std=0.1)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape, np.float32), params)
+    return Model(config=cfg, params=params)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from svlm_jax.config import ModelConfig
@@ -127,10 +128,10 @@ def param_leaves(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random weights: normal(0, std) matrices, zero biases, unit norm weights."""
+    """Random weights: normal(0, std) matrices, zero biases, unit norm weights. Drawn with numpy
+    (seeded from `key`): per-shape jax.random programs would each compile."""
     shapes = param_shapes(config)
-    paths_shapes = param_leaves(config)
-    keys = iter(jax.random.split(key, len(paths_shapes)))
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
 
     def make(path, shape):
         field = path[-1].name
@@ -138,6 +139,6 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: flo
             return jnp.zeros(shape, dtype)
         if "norm" in field:
             return jnp.ones(shape, dtype)
-        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+        return jnp.asarray(std * rng.standard_normal(shape, np.float32), dtype)
 
     return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=_is_shape)

@@ -1,0 +1,447 @@
+"""The `svlm` command line: `svlm stream` commentates a video, `svlm info` describes a checkpoint.
+
+Each subcommand is one `Command` (name, help texts, add_arguments, run) in `COMMANDS`; adding a subcommand is
+adding one entry. Problems with the user's input (a missing or corrupt checkpoint, an unreadable video, invalid
+settings) end with one line `svlm: error: ...` on stderr and exit code 1; Ctrl-C ends with exit code 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from svlm_jax import prompt
+from svlm_jax.config import ConfigError, ModelConfig
+from svlm_jax.media.preprocess import VisionPreprocessConfig, smart_resize
+from svlm_jax.media.subtitles import JsonlWriter, VttWriter
+from svlm_jax.media.video import VideoError, VideoReader
+from svlm_jax.model.params import param_leaves
+from svlm_jax.sampling import SamplingConfig
+from svlm_jax.session import SCHEMES, STREAM_PREPROCESS, StreamConfig, StreamingSession, cache_layout
+from svlm_jax.tokenizer import Tokenizer
+from svlm_jax.weights import CheckpointError, load_pretrained
+
+DEFAULT_STREAM = StreamConfig()
+DEFAULT_SAMPLING = SamplingConfig()
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+MODEL_FPS = 2  # frames per second StreamingVLM was trained on: one temporal patch per second
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+class CliError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+# Errors that describe bad input rather than a bug: reported as one line.
+USER_ERRORS = (CliError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, CheckpointError,
+               ConfigError, VideoError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str        # one line, in `svlm --help`
+    description: str    # a paragraph with an example, in `svlm NAME --help`
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------- shared arguments
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    """'1280x720' -> (1280, 720)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1280x720, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"frame sides must be positive, got {text!r}")
+    return width, height
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser):
+    """The cache-size options shared by stream and info; returns their group, for options only stream has."""
+    group = parser.add_argument_group("cache size (what the model keeps in memory while streaming)")
+    group.add_argument("--vision-window", type=non_negative_int, default=DEFAULT_STREAM.vision_window_s,
+                       metavar="S", help="seconds of video whose frames stay in the cache (default: %(default)s)")
+    group.add_argument("--text-rounds", type=positive_int, default=DEFAULT_STREAM.text_rounds, metavar="N",
+                       help="most recent seconds kept in full: prompt and commentary (default: %(default)s)")
+    group.add_argument("--text-sink", type=non_negative_int, default=DEFAULT_STREAM.text_sink, metavar="T",
+                       help="first tokens of earlier commentary kept for ever (default: %(default)s)")
+    group.add_argument("--text-window", type=non_negative_int, default=DEFAULT_STREAM.text_window, metavar="T",
+                       help="latest tokens of older commentary kept (default: %(default)s)")
+    group.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_STREAM.max_new_tokens, metavar="N",
+                       help="longest commentary per second, in tokens (default: %(default)s)")
+    group.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_STREAM.scheme,
+                       help="attention scheme; the others are the paper's baselines (default: %(default)s)")
+    return group
+
+
+def add_pixel_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("frame size given to the model (pixels per frame, after resizing)")
+    group.add_argument("--min-pixels", type=positive_int, metavar="N",
+                       help=f"smallest frame area (default: {STREAM_PREPROCESS.min_pixels} = 100 x 28 x 28)")
+    group.add_argument("--max-pixels", type=positive_int, metavar="N",
+                       help=f"largest frame area (default: {STREAM_PREPROCESS.max_pixels} = 768 x 28 x 28)")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bfloat16",
+                        help="weights and cache number type (default: %(default)s)")
+
+
+def stream_config(args: argparse.Namespace, **settings) -> StreamConfig:
+    """StreamConfig from the cache arguments plus `settings`; invalid combinations become a CliError."""
+    try:
+        return StreamConfig(vision_window_s=args.vision_window, text_rounds=args.text_rounds,
+                            text_sink=args.text_sink, text_window=args.text_window,
+                            max_new_tokens=args.max_new_tokens, scheme=args.scheme, **settings)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def require_checkpoint_dir(model_dir: str) -> None:
+    if not Path(model_dir).is_dir():
+        raise CliError(f"checkpoint directory {model_dir} does not exist")
+
+
+def load_tokenizer(model_dir: str) -> Tokenizer:
+    try:
+        return Tokenizer.from_pretrained(model_dir)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # the tokenizers library raises bare Exceptions for malformed files
+        raise CliError(f"{model_dir}: cannot read the tokenizer: {error}") from None
+
+
+def stream_preprocess(tokenizer: Tokenizer, min_pixels: int | None, max_pixels: int | None) -> VisionPreprocessConfig:
+    """The checkpoint's preprocessing (mean, std, patch sizes) with the streaming pixel bounds, unless overridden."""
+    base = tokenizer.vision_preprocess or STREAM_PREPROCESS
+    config = dataclasses.replace(base, min_pixels=min_pixels or STREAM_PREPROCESS.min_pixels,
+                                 max_pixels=max_pixels or STREAM_PREPROCESS.max_pixels)
+    if config.min_pixels > config.max_pixels:
+        raise CliError(f"--min-pixels ({config.min_pixels}) is larger than --max-pixels ({config.max_pixels})")
+    return config
+
+
+def clock(seconds: float) -> str:
+    """HH:MM:SS, with milliseconds only when the time is not whole."""
+    total_ms = round(seconds * 1000)
+    whole, millis = divmod(total_ms, 1000)
+    hours, rest = divmod(whole, 3600)
+    text = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    return text if millis == 0 else f"{text}.{millis:03d}"
+
+
+# ---------------------------------------------------------------- svlm stream
+
+STREAM_DESCRIPTION = """\
+Watch a video and commentate it live, one round per second, as StreamingVLM does: every
+second the model sees that second's frames and writes a short commentary (or stays silent).
+Memory and time per second stay constant however long the video runs. Each commentary is
+printed as it is produced; --vtt and --jsonl also save it as subtitles and as JSON lines,
+flushed every second, so an interrupted run keeps what it produced. On a terminal, stderr
+shows a progress bar and the real-time factor (processing time / video time: below 1 keeps
+up with live video). The video can be a file, a URL, or "-" for standard input.
+
+example:
+  svlm stream --model ./StreamingVLM --video match.mp4 --vtt match.vtt
+  ffmpeg -i rtsp://camera -f mpegts - | svlm stream --model ./StreamingVLM --video - --format mpegts"""
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="checkpoint directory (config.json, safetensors weights, tokenizer.json)")
+    parser.add_argument("--video", required=True, metavar="PATH_OR_URL", help='video file, URL, or "-" for stdin')
+    parser.add_argument("--format", metavar="FMT",
+                        help="container format of the input when it cannot be detected, e.g. mpegts for a pipe")
+    parser.add_argument("--start", type=non_negative_float, default=0.0, metavar="S",
+                        help="skip the first S seconds of the video (default: %(default)s)")
+    parser.add_argument("--duration", type=non_negative_float, metavar="D",
+                        help="commentate at most D seconds (default: until the video ends)")
+    parser.add_argument("--fps", type=positive_int, default=MODEL_FPS,
+                        help="frames per second given to the model, a multiple of 2 (default: %(default)s, the rate "
+                             "the model was trained on)")
+    parser.add_argument("--query", default=DEFAULT_STREAM.query,
+                        help="instruction given with the first second (default: %(default)r)")
+    parser.add_argument("--previous-text", default="", metavar="TEXT",
+                        help="context the commentary continues from, e.g. the story so far of the match")
+    parser.add_argument("--vtt", metavar="OUT.vtt", help="also write the commentary as WebVTT subtitles")
+    parser.add_argument("--jsonl", metavar="OUT.jsonl",
+                        help='also write one JSON line per second: {"start": s, "end": s, "text": ...}')
+    add_dtype_argument(parser)
+    cache = add_cache_arguments(parser)
+    cache.add_argument(
+        "--pos-mode", choices=("contiguous", "native"), default=DEFAULT_STREAM.pos_mode,
+        help="contiguous re-indexes positions so they stay bounded; native lets them grow (default: %(default)s)")
+    sampling = parser.add_argument_group("sampling (how the next word is chosen)")
+    sampling.add_argument("--temperature", type=non_negative_float, default=DEFAULT_SAMPLING.temperature,
+                          help="higher is more varied, 0 is greedy (default: %(default)s)")
+    sampling.add_argument("--top-k", type=non_negative_int, default=DEFAULT_SAMPLING.top_k,
+                          help="sample among the k likeliest tokens; 0 keeps all (default: %(default)s)")
+    sampling.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p,
+                          help="sample among the likeliest tokens holding this probability mass (default: %(default)s)")
+    sampling.add_argument("--repetition-penalty", type=float, default=DEFAULT_SAMPLING.repetition_penalty,
+                          help="discourages repeating tokens already in the context; 1 disables (default: %(default)s)")
+    sampling.add_argument("--greedy", action="store_true", help="always take the likeliest token (temperature 0)")
+    sampling.add_argument("--seed", type=int, default=DEFAULT_STREAM.seed, help="random seed (default: %(default)s)")
+    add_pixel_arguments(parser)
+
+
+class Progress:
+    """One status line on stderr, redrawn in place: a bar when the length is known, the real-time factor."""
+
+    WIDTH = 30
+
+    def __init__(self, total_s: int | None, enabled: bool):
+        self.total_s, self.enabled = total_s, enabled
+        self.shown = False
+
+    def update(self, done_s: int, real_time_factor: float | None) -> None:
+        if not self.enabled:
+            return
+        if self.total_s:
+            fraction = min(1.0, done_s / self.total_s)
+            filled = round(fraction * self.WIDTH)
+            line = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done_s}/{self.total_s} s"
+        else:
+            line = f"{done_s} s"
+        if real_time_factor is not None:
+            line += f"  real-time factor {real_time_factor:.2f}"
+        sys.stderr.write(f"\r\x1b[K{line}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        """Erases the line so ordinary output does not mix with it (it is redrawn on the next update)."""
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+class StreamTimes:
+    """Wall time of each processed second of video (reading, preprocessing and the model step)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def real_time_factor(self) -> float | None:
+        """Processing time / video time, leaving out the first second, which includes compilation."""
+        steady = self.seconds[1:] or self.seconds
+        return sum(steady) / len(steady) if steady else None
+
+    def summary(self) -> str:
+        if not self.seconds:
+            return "svlm: no second of video was commentated"
+        return (f"svlm: {len(self.seconds)} s of video commentated in {sum(self.seconds):.1f} s, the first second "
+                f"(with compilation) in {self.seconds[0]:.1f} s; real-time factor {self.real_time_factor():.2f}")
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    try:
+        sampling = SamplingConfig(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    config = stream_config(args, sampling=sampling, pos_mode=args.pos_mode, previous_text=args.previous_text,
+                           query=args.query, seed=args.seed, fps=args.fps)
+    # Opened before the (slow) model load, so a wrong path or an unreadable video fails at once.
+    with VideoReader(args.video, fps=args.fps, start=args.start, format=args.format) as reader:
+        require_checkpoint_dir(args.model)
+        tokenizer = load_tokenizer(args.model)
+        preprocess = stream_preprocess(tokenizer, args.min_pixels, args.max_pixels)
+        if args.fps % preprocess.temporal_patch_size:
+            raise CliError(f"--fps must be a multiple of the model's temporal patch size "
+                           f"({preprocess.temporal_patch_size}), got {args.fps}")
+        model = load_pretrained(args.model, dtype=args.dtype)
+        session = StreamingSession(model, tokenizer, config, preprocess=preprocess)
+        with contextlib.ExitStack() as outputs:
+            writers = []
+            if args.vtt:
+                writers.append(outputs.enter_context(VttWriter(args.vtt)))
+            if args.jsonl:
+                writers.append(outputs.enter_context(JsonlWriter(args.jsonl)))
+            commentate(reader, session, writers, args.duration)
+    return 0
+
+
+def commentate(reader: VideoReader, session, writers, duration_s: float | None) -> None:
+    """The stream loop: one second in, its commentary out (stdout and writers). The summary is printed however
+    the loop ends: end of input, a video error, or Ctrl-C."""
+    limit = None if duration_s is None else math.floor(duration_s)
+    declared = reader.declared_duration
+    total_s = None if declared is None else max(0, math.floor(declared - float(reader.start)))
+    if limit is not None:
+        total_s = limit if total_s is None else min(total_s, limit)
+    progress = Progress(total_s, enabled=sys.stderr.isatty())
+    times = StreamTimes()
+    seconds = itertools.islice(iter(reader), limit)
+    progress.update(0, None)  # shows the bar during the first second, which compiles
+    try:
+        while True:
+            began = time.perf_counter()
+            second = next(seconds, None)
+            if second is None:
+                break
+            text = session.step(second.frames_thwc, second.t_start, second.t_end)
+            for writer in writers:
+                writer.write(second.t_start, second.t_end, text)
+            times.seconds.append(time.perf_counter() - began)
+            if text:
+                progress.clear()
+                one_line = " ".join(text.splitlines())
+                print(f"[{clock(second.t_start)}-{clock(second.t_end)}] {one_line}", flush=True)
+            progress.update(len(times.seconds), times.real_time_factor())
+    finally:
+        progress.clear()
+        print(times.summary(), file=sys.stderr)
+
+
+# ---------------------------------------------------------------- svlm info
+
+INFO_DESCRIPTION = """\
+Describe a checkpoint without loading its weights: the architecture from config.json, the
+number of parameters, and how much accelerator memory streaming needs: the weights at --dtype
+plus the KV cache for the chosen cache size, frame size and number of streams (activations
+not included). The cache size needs the checkpoint's tokenizer.json (prompt lengths).
+
+example:
+  svlm info ./StreamingVLM
+  svlm info ./StreamingVLM --frame-size 640x360 --streams 8 --vision-window 8"""
+
+
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="DIR", help="checkpoint directory (config.json; tokenizer.json for the cache)")
+    parser.add_argument("--frame-size", type=frame_size, default=(1280, 720), metavar="WxH",
+                        help="size of the input video frames (default: 1280x720)")
+    parser.add_argument("--streams", type=positive_int, default=1, metavar="N",
+                        help="streams served at once, one cache each (default: %(default)s)")
+    add_dtype_argument(parser)
+    add_cache_arguments(parser)
+    add_pixel_arguments(parser)
+
+
+def stream_grid(preprocess: VisionPreprocessConfig, width: int, height: int) -> tuple[int, int, int]:
+    """(grid_t, grid_h, grid_w) of one second of frames of this size at MODEL_FPS, in 14 px patches."""
+    try:
+        resized_h, resized_w = smart_resize(height, width, factor=preprocess.resize_factor,
+                                            min_pixels=preprocess.min_pixels, max_pixels=preprocess.max_pixels)
+    except ValueError as error:  # an extreme aspect ratio
+        raise CliError(str(error)) from None
+    return (MODEL_FPS // preprocess.temporal_patch_size, resized_h // preprocess.patch_size,
+            resized_w // preprocess.patch_size)
+
+
+def human_bytes(n_bytes: int) -> str:
+    """1536 -> '1.50 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes} B" if unit == "B" else f"{n_bytes:.2f} {unit}"
+        n_bytes /= 1024
+
+
+def run_info(args: argparse.Namespace) -> int:
+    require_checkpoint_dir(args.model)
+    model_config = ModelConfig.from_file(args.model)
+    leaves = param_leaves(model_config)
+    n_params = sum(math.prod(shape) for _, shape in leaves)
+    n_vision = sum(math.prod(shape) for path, shape in leaves if path.startswith("vision."))
+    t, v = model_config.text, model_config.vision
+    dtype_bytes = DTYPE_BYTES[args.dtype]
+    weight_bytes = n_params * dtype_bytes
+    print(f"checkpoint      {args.model}")
+    print(f"model type      {model_config.model_type}")
+    print(f"language model  {t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads} heads "
+          f"({t.num_kv_heads} key/value heads, head dim {t.head_dim}), MLP {t.intermediate_size}, "
+          f"vocab {t.vocab_size}, {'tied' if t.tie_word_embeddings else 'untied'} embeddings")
+    print(f"vision tower    {v.depth} blocks, hidden {v.hidden_size}, {v.num_heads} heads, MLP {v.intermediate_size}, "
+          f"{v.patch_size} px patches merged {v.spatial_merge_size}x{v.spatial_merge_size}")
+    print(f"parameters      {n_params:,} (vision {n_vision:,}, language {n_params - n_vision:,})")
+    print(f"memory at {args.dtype}")
+    print(f"  weights       {human_bytes(weight_bytes)}")
+    if not (Path(args.model) / "tokenizer.json").is_file():
+        print(f"  KV cache      unknown: {args.model} has no tokenizer.json to measure the prompt with")
+        return 0
+    tokenizer = load_tokenizer(args.model)
+    preprocess = stream_preprocess(tokenizer, args.min_pixels, args.max_pixels)
+    width, height = args.frame_size
+    grid = stream_grid(preprocess, width, height)
+    chat = prompt.ChatTokens.from_tokenizer(tokenizer.token_id, tokenizer.encode)
+    layout = cache_layout(model_config, chat, tokenizer.encode, stream_config(args), grid)
+    # Keys and values of every layer, slot and key/value head, per stream.
+    cache_bytes = t.num_layers * layout.size * t.num_kv_heads * t.head_dim * 2 * dtype_bytes * args.streams
+    print(f"  KV cache      {human_bytes(cache_bytes)}: {args.streams} stream(s) x {layout.size:,} slots "
+          f"({width}x{height} frames -> {grid[2] * preprocess.patch_size}x{grid[1] * preprocess.patch_size}, "
+          f"{layout.n_vision} vision tokens per second)")
+    print(f"  total         {human_bytes(weight_bytes + cache_bytes)} (activations not included)")
+    return 0
+
+
+# ---------------------------------------------------------------- the parser
+
+COMMANDS = (
+    Command("stream", "commentate a video, one round per second", STREAM_DESCRIPTION, add_stream_arguments,
+            run_stream),
+    Command("info", "describe a checkpoint: architecture, parameters, memory", INFO_DESCRIPTION,
+            add_info_arguments, run_info),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svlm", description="StreamingVLM in JAX: a vision-language model that commentates endless video.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.summary, description=command.description,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error argparse has already reported
+        return stop.code if isinstance(stop.code, int) else 0
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"svlm: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("svlm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
