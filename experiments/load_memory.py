@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,7 +39,11 @@ def _status_bytes(field: str) -> int:
 
 def measure_load(path: str, dtype: str) -> dict:
     """Runs in a child process: resident memory after importing jax, then its peak while loading.
-    The peak (VmHWM) is reset first: Linux carries it over from the parent across fork and exec."""
+    The peak (VmHWM) is reset first: Linux carries it over from the parent across fork and exec.
+    Anonymous memory (what the process allocated) and file-backed pages (the memory-mapped
+    safetensors, reclaimable page cache) are sampled apart every 5 ms."""
+    import threading
+
     import jax
     import jax.numpy as jnp
 
@@ -47,11 +52,27 @@ def measure_load(path: str, dtype: str) -> dict:
     jnp.zeros(1).block_until_ready()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set size
     base = _status_bytes("VmRSS")
+    base_anon = _status_bytes("RssAnon")
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for field in peaks:
+                peaks[field] = max(peaks[field], _status_bytes(field))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     model = svlm_jax.load_pretrained(path, dtype=dtype)
     jax.block_until_ready(model.params)
+    done.set()
+    sampler.join()
     peak = _status_bytes("VmHWM")
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-    return {"rss_before_load_bytes": base, "peak_rss_bytes": peak, "weight_bytes": weight_bytes}
+    return {"rss_before_load_bytes": base, "peak_rss_bytes": peak, "weight_bytes": weight_bytes,
+            "anon_before_load_bytes": base_anon, "peak_anon_bytes": peaks["RssAnon"],
+            "peak_file_backed_bytes": peaks["RssFile"]}
 
 
 def main():
@@ -74,11 +95,14 @@ def main():
                          capture_output=True, text=True, check=True)
     m = json.loads(out.stdout.strip().splitlines()[-1])
     extra = m["peak_rss_bytes"] - m["rss_before_load_bytes"]
+    extra_anon = m["peak_anon_bytes"] - m["anon_before_load_bytes"]
     result = {"preset": args.preset, "dtype": args.dtype, "safetensors_bytes": disk, **m,
-              "load_increase_bytes": extra, "increase_over_weights": extra / m["weight_bytes"]}
+              "load_increase_bytes": extra, "increase_over_weights": extra / m["weight_bytes"],
+              "anon_increase_bytes": extra_anon, "anon_increase_over_weights": extra_anon / m["weight_bytes"]}
     print(json.dumps(result, indent=2))
     print(f"weights {m['weight_bytes'] / 2**30:.2f} GiB; peak RSS grew by {extra / 2**30:.2f} GiB "
-          f"({extra / m['weight_bytes']:.2f}x the weights)")
+          f"({extra / m['weight_bytes']:.2f}x), allocated memory by {extra_anon / 2**30:.2f} GiB "
+          f"({extra_anon / m['weight_bytes']:.2f}x the weights)")
     write_result("load_memory", result)
 
 

@@ -198,29 +198,27 @@ def load_pretrained(path, dtype="bfloat16") -> Model:
                               + (f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}" if unexpected else ""))
     shapes = dict(param_leaves(config))
     leaves: dict[str, jax.Array] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name in slots:
-        by_file.setdefault(files[names[name]], []).append(name)
-    for file, file_names in by_file.items():
+    for name, slot in slots.items():
+        file = files[names[name]]
         try:
+            # One tensor per opening: the memory map, and the pages it touched, go with it.
             with safe_open(file, framework="np") as f:
-                for name in file_names:
-                    slot = slots[name]
-                    tensor = f.get_tensor(names[name])
-                    if tuple(tensor.shape) != slot.hf_shape:
-                        raise CheckpointError(f"tensor {names[name]} in {file.name} has shape {tuple(tensor.shape)}, "
-                                              f"expected {slot.hf_shape}")
-                    shape = shapes[slot.leaf] if slot.layer is None else shapes[slot.leaf][1:]
-                    value = jnp.asarray(to_ours(tensor, slot, shape), dtype)
-                    if slot.layer is None:
-                        leaves[slot.leaf] = value
-                    else:
-                        if slot.leaf not in leaves:
-                            leaves[slot.leaf] = jnp.zeros(shapes[slot.leaf], dtype)
-                        leaves[slot.leaf] = _set_layer(leaves[slot.leaf], slot.layer, value)
-                    del tensor, value
+                tensor = f.get_tensor(names[name])
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
+        if tuple(tensor.shape) != slot.hf_shape:
+            raise CheckpointError(f"tensor {names[name]} in {file.name} has shape {tuple(tensor.shape)}, "
+                                  f"expected {slot.hf_shape}")
+        shape = shapes[slot.leaf] if slot.layer is None else shapes[slot.leaf][1:]
+        value = jnp.asarray(to_ours(tensor, slot, shape), dtype)
+        del tensor
+        if slot.layer is None:
+            leaves[slot.leaf] = value
+        else:
+            if slot.leaf not in leaves:
+                leaves[slot.leaf] = jnp.zeros(shapes[slot.leaf], dtype)
+            leaves[slot.leaf] = _set_layer(leaves[slot.leaf], slot.layer, value)
+        del value
     params = jax.tree_util.tree_map_with_path(
         lambda p, _: leaves[".".join(k.name for k in p)], param_shapes(config),
         is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x))
