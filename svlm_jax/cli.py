@@ -26,6 +26,8 @@ from svlm_jax.model.params import param_leaves
 from svlm_jax.sampling import SamplingConfig
 from svlm_jax.session import SCHEMES, STREAM_PREPROCESS, StreamConfig, StreamingSession, cache_layout
 from svlm_jax.tokenizer import Tokenizer
+from svlm_jax.train.config import TrainConfigError
+from svlm_jax.train.data import DataError
 from svlm_jax.weights import CheckpointError, load_pretrained
 
 DEFAULT_STREAM = StreamConfig()
@@ -41,7 +43,7 @@ class CliError(Exception):
 
 # Errors that describe bad input rather than a bug: reported as one line.
 USER_ERRORS = (CliError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, CheckpointError,
-               ConfigError, VideoError)
+               ConfigError, VideoError, TrainConfigError, DataError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +408,53 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train and export
+
+TRAIN_DESCRIPTION = """\
+Fine-tune with overlapped-chunk SFT (METHOD.md §4) as a config file describes (see
+experiments/configs/sft_tiny.toml; every field is documented in svlm_jax/train/config.py).
+A run resumes from its latest checkpoint; Ctrl-C saves one and stops.
+
+example:
+  svlm train --config experiments/configs/sft_tiny.toml"""
+
+EXPORT_DESCRIPTION = """\
+Write a training run's checkpoint (the latest unless --step) as a HuggingFace model directory:
+config.json, safetensors and tokenizer files, loadable by transformers and `svlm stream`.
+
+example:
+  svlm export runs/synth_sft exported_model"""
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the run's config file (TOML)")
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help="stop after this many updates in this invocation (default: the config's)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from svlm_jax.train.run import main_train
+
+    main_train(args.config, max_steps=args.max_steps)
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="the training run's directory (its config's out_dir)")
+    parser.add_argument("out_dir", help="where the HF model directory is written")
+    parser.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default=None,
+                        help="convert the weights (default: the run's master dtype)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from svlm_jax.train.run import main_export
+
+    step = main_export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype)
+    print(f"exported step {step} to {args.out_dir}")
+    return 0
+
+
 # ---------------------------------------------------------------- the parser
 
 COMMANDS = (
@@ -413,6 +462,9 @@ COMMANDS = (
             run_stream),
     Command("info", "describe a checkpoint: architecture, parameters, memory", INFO_DESCRIPTION,
             add_info_arguments, run_info),
+    Command("train", "fine-tune with overlapped-chunk SFT", TRAIN_DESCRIPTION, add_train_arguments, run_train),
+    Command("export", "write a training checkpoint as a HuggingFace model", EXPORT_DESCRIPTION,
+            add_export_arguments, run_export),
 )
 
 

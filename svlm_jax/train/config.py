@@ -1,0 +1,219 @@
+"""The training config file (TOML): five tables, every field below; unknown fields are refused.
+
+[model]
+  tokenizer      (required) directory with tokenizer.json (+ optional tokenizer_config.json,
+                 generation_config.json, preprocessor_config.json); copied into the run
+  pretrained     HF Qwen2(.5)-VL directory to fine-tune; or else
+  preset         a `svlm_jax.config` preset to start from random weights ("tiny", ...); its special
+                 token ids are replaced by the tokenizer's and its vocab grown to hold them
+  param_dtype    master weights and optimizer state: "float32" (default) or "bfloat16"
+  compute_dtype  forward / backward: "bfloat16" (default) or "float32"
+  freeze_vision  true (default): only the LM is trained
+  remat          true (default): rematerialise decoder layers in the backward pass
+  init_seed      seed of the random initialisation (preset only), default 0
+[data]
+  train          (required) JSONL of samples (format: `svlm_jax.train.data`)
+  buckets        (required) [[tokens, patches], ...]: padded chunk sizes; one compilation each
+  chunk_seconds  24; overlap_seconds 12; text_sink 512; text_window 512; fps 2
+  system, query  the prompt's system text and first-round query (`svlm_jax.prompt` defaults)
+  min_pixels, max_pixels   frame size bounds for smart_resize; 0 = the tokenizer directory's
+                 preprocessor_config.json, else Qwen's defaults
+  workers        Grain worker processes decoding video (0 = in the training process)
+  prefetch       batches buffered ahead (per worker), default 2
+  seed           data order seed, default 0
+[train]
+  out_dir        (required) run directory: checkpoints/, tokenizer/, model/config.json, log.jsonl
+  steps          (required) optimizer updates in the whole run
+  batch_size     chunks per micro-batch over all devices, default 1
+  grad_accum     micro-batches per update, default 1
+  lr 1e-5; warmup_ratio 0.03; weight_decay 0.0; adam_b1 0.9; adam_b2 0.999; clip_norm 1.0
+  log_every      steps between progress lines / log records, default 1
+[mesh]
+  data -1 (all devices the other axes leave); fsdp 1; tensor 1
+[checkpoint]
+  every 100 (steps between saves); keep 3 (most recent kept); async true
+Relative paths are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+
+from svlm_jax import prompt
+
+
+class TrainConfigError(ValueError):
+    """The config file is unusable; the message names the table and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    tokenizer: str
+    pretrained: str = ""
+    preset: str = ""
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    freeze_vision: bool = True
+    remat: bool = True
+    init_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: str
+    buckets: tuple[tuple[int, int], ...]
+    chunk_seconds: int = 24
+    overlap_seconds: int = 12
+    text_sink: int = 512
+    text_window: int = 512
+    fps: int = 2
+    system: str = prompt.SYSTEM
+    query: str = prompt.QUERY
+    min_pixels: int = 0
+    max_pixels: int = 0
+    workers: int = 0
+    prefetch: int = 2
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    out_dir: str
+    steps: int
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    clip_norm: float = 1.0
+    log_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 100
+    keep: int = 3
+    # "async" is a Python keyword, hence the field name; the file spells it `async`.
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    mesh: MeshSection = MeshSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+
+
+_FILE_NAMES = {"async_save": "async"}
+DTYPES = ("float32", "bfloat16")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read, validate and resolve (relative paths) a training config file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise TrainConfigError(f"{path}: {e}") from None
+    return parse_config(raw, base_dir=path.parent, where=str(path))
+
+
+def parse_config(raw: dict, base_dir: Path, where: str = "config") -> TrainConfig:
+    cfg = _parse_table(TrainConfig, raw, where)
+    _validate(cfg, where)
+
+    def resolve(p: str) -> str:
+        return str((base_dir / p).resolve()) if p else p
+
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, tokenizer=resolve(cfg.model.tokenizer),
+                                  pretrained=resolve(cfg.model.pretrained)),
+        data=dataclasses.replace(cfg.data, train=resolve(cfg.data.train)),
+        train=dataclasses.replace(cfg.train, out_dir=resolve(cfg.train.out_dir)))
+
+
+def _parse_table(cls, raw, where: str):
+    if not isinstance(raw, dict):
+        raise TrainConfigError(f"{where}: expected a table, got {raw!r}")
+    fields = {_FILE_NAMES.get(f.name, f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise TrainConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    missing = [name for name, f in fields.items() if name not in raw and f.default is dataclasses.MISSING]
+    if missing:
+        raise TrainConfigError(f"{where}: missing required field(s) {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
+    values = {f.name: _convert(hints[f.name], raw[name], f"{where} [{name}]" if dataclasses.is_dataclass(hints[f.name])
+                               else f"{where}: {name}")
+              for name, f in fields.items() if name in raw}
+    return cls(**values)
+
+
+def _convert(kind, value, where: str):
+    if dataclasses.is_dataclass(kind):
+        return _parse_table(kind, value, where)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:  # tuple[tuple[int, int], ...]: the buckets
+        ok = (isinstance(value, list) and value and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            for v in value))
+        value = tuple(tuple(v) for v in value) if ok else value
+    if not ok:
+        expected = getattr(kind, "__name__", None) if not isinstance(kind, types.GenericAlias) else "[[int, int], ...]"
+        raise TrainConfigError(f"{where} must be {expected}, got {value!r}")
+    return value
+
+
+def _validate(cfg: TrainConfig, where: str) -> None:
+    m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.checkpoint
+    problems = []
+    if bool(m.pretrained) == bool(m.preset):
+        problems.append("model: give exactly one of pretrained or preset")
+    for name in ("param_dtype", "compute_dtype"):
+        if getattr(m, name) not in DTYPES:
+            problems.append(f"model: {name} must be one of {DTYPES}")
+    positive = {"data.chunk_seconds": d.chunk_seconds, "data.fps": d.fps, "data.prefetch": d.prefetch,
+                "train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                "train.log_every": t.log_every, "checkpoint.every": c.every, "checkpoint.keep": c.keep}
+    problems += [f"{k} must be >= 1" for k, v in positive.items() if v < 1]
+    non_negative = {"data.overlap_seconds": d.overlap_seconds, "data.text_sink": d.text_sink,
+                    "data.text_window": d.text_window, "data.min_pixels": d.min_pixels,
+                    "data.max_pixels": d.max_pixels, "data.workers": d.workers, "data.seed": d.seed,
+                    "train.weight_decay": t.weight_decay, "model.init_seed": m.init_seed}
+    problems += [f"{k} must be >= 0" for k, v in non_negative.items() if v < 0]
+    if d.overlap_seconds >= d.chunk_seconds:
+        problems.append("data: overlap_seconds must be smaller than chunk_seconds")
+    if any(tok < 1 or p < 0 or p % 4 for tok, p in d.buckets):
+        problems.append("data: buckets need tokens >= 1 and patches a multiple of 4 (2x2-merged patches)")
+    if not t.lr > 0 or not 0 <= t.warmup_ratio < 1 or not t.clip_norm > 0:
+        problems.append("train: need lr > 0, 0 <= warmup_ratio < 1, clip_norm > 0")
+    if not (0 <= t.adam_b1 < 1 and 0 <= t.adam_b2 < 1):
+        problems.append("train: adam_b1 and adam_b2 must lie in [0, 1)")
+    if cfg.mesh.data < 1 and cfg.mesh.data != -1 or cfg.mesh.fsdp < 1 or cfg.mesh.tensor < 1:
+        problems.append("mesh: data must be >= 1 or -1, fsdp and tensor >= 1")
+    if problems:
+        raise TrainConfigError(f"{where}: " + "; ".join(problems))

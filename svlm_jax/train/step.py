@@ -1,0 +1,176 @@
+"""One optimizer step of overlapped-chunk SFT, jit-compiled over a device mesh.
+
+Loss: cross-entropy of the next token on labelled (assistant) tokens, in float32, averaged over
+every labelled token of the step (all accumulation micro-batches together, so accumulation equals
+one big batch). Master weights stay in `param_dtype` (float32 by default); the forward casts them
+to `compute_dtype` (bfloat16 by default). With `freeze_vision` (the default) only the LM is
+differentiated and optimized: the vision tower gets neither gradients nor optimizer state.
+Optimizer: global-norm clipping, then AdamW (weight decay on matrices and embeddings, not on
+norms or biases) with linear warmup and cosine decay to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from svlm_jax.config import ModelConfig
+from svlm_jax.model import text, vision, vlm
+from svlm_jax.model.params import Model, Params
+from svlm_jax.train import sharding
+from svlm_jax.train.data import IGNORE, vision_layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about the step (a jit static argument)."""
+
+    model: ModelConfig
+    optim: OptimConfig
+    compute_dtype: str = "bfloat16"
+    freeze_vision: bool = True
+    remat: bool = True
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer updates done
+    params: Params   # master weights
+    opt_state: Any   # optax state of `trainable(params)`
+
+
+@struct.dataclass
+class Batch:
+    """One step's data, leaves [A accumulation micro-batches, B examples, ...] (see data.pad_chunks)."""
+
+    ids_abt: jax.Array
+    targets_abt: jax.Array
+    positions_abt3: jax.Array
+    segment_abt: jax.Array
+    rows_abpv: jax.Array
+    layout: vision.VisionLayout
+
+
+def host_batch(cfg: ModelConfig, arrays: dict[str, np.ndarray]) -> Batch:
+    """A data-pipeline element (numpy) -> Batch of numpy arrays, vision layouts added."""
+    return Batch(ids_abt=arrays["ids_bt"], targets_abt=arrays["targets_bt"], positions_abt3=arrays["positions_bt3"],
+                 segment_abt=arrays["segment_bt"], rows_abpv=arrays["rows_bpv"],
+                 layout=vision_layouts(cfg.vision, arrays["grids_bg3"]))
+
+
+def schedule(cfg: OptimConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.total_steps, cfg.warmup_steps + 1),
+                                              end_value=0.0)
+
+
+def _decayed(tree):
+    """Weight decay on matrices and embeddings; not on norm weights or biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(s in path[-1].name for s in ("norm", "_b_")), tree)
+
+
+def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decayed))
+
+
+def trainable(spec: StepSpec, params: Params):
+    return params.text if spec.freeze_vision else params
+
+
+def with_trainable(spec: StepSpec, params: Params, part) -> Params:
+    return params.replace(text=part) if spec.freeze_vision else part
+
+
+def init_state(spec: StepSpec, params: Params) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer(spec.optim).init(trainable(spec, params)))
+
+
+def loss_sums(spec: StepSpec, params: Params, ids_bt, targets_bt, positions_bt3, segment_bt, rows_bpv, layout_b):
+    """(sum of next-token cross-entropies over labelled tokens, their count), float32."""
+    cfg = spec.model
+    p = jax.tree.map(lambda x: x.astype(spec.compute_dtype), params)
+    model = Model(cfg, p)
+    # Each example has its own vision layout (its grids plus a padding grid), so embed per example.
+    x_btd = jax.vmap(lambda ids_t, rows_pv, layout: vlm.embed(model, ids_t[None], rows_pv, layout)[0])(
+        ids_bt, rows_bpv, layout_b)
+    order_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
+    hidden = text.decode_hidden(cfg.text, p.text, x_btd, positions_bt3, segment_bt, order_bt, remat=spec.remat)
+    logits_btv = text.logits(p.text, hidden).astype(jnp.float32)
+    mask_bt = targets_bt != IGNORE
+    picked = jnp.take_along_axis(logits_btv, jnp.where(mask_bt, targets_bt, 0)[..., None], axis=-1)[..., 0]
+    nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - picked
+    return jnp.sum(jnp.where(mask_bt, nll_bt, 0.0)), jnp.sum(mask_bt).astype(jnp.float32)
+
+
+def batch_loss(spec: StepSpec, params: Params, batch: Batch):
+    """Mean loss over the labelled tokens of a whole Batch (no gradient): for evaluation and tests."""
+    def micro(carry, mb):
+        s, n = loss_sums(spec, params, *mb)
+        return (carry[0] + s, carry[1] + n), None
+    (s, n), _ = jax.lax.scan(micro, (0.0, 0.0), _micro_batches(batch))
+    return s / jnp.maximum(n, 1.0)
+
+
+def _micro_batches(batch: Batch):
+    return (batch.ids_abt, batch.targets_abt, batch.positions_abt3, batch.segment_abt, batch.rows_abpv, batch.layout)
+
+
+def train_step(spec: StepSpec, state: TrainState, batch: Batch):
+    """One update from all micro-batches of `batch`: (new state, metrics {loss, grad_norm, lr, labelled_tokens})."""
+    part = trainable(spec, state.params)
+
+    def micro(carry, mb):
+        grads_acc, loss_acc, n_acc = carry
+        (loss_sum, n), grads = jax.value_and_grad(
+            lambda t: loss_sums(spec, with_trainable(spec, state.params, t), *mb), has_aux=True)(part)
+        return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, n_acc + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, part)
+    (grads, loss_sum, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), _micro_batches(batch))
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer(spec.optim).update(grads, state.opt_state, part)
+    params = with_trainable(spec, state.params, optax.apply_updates(part, updates))
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(spec.optim)(state.step), "labelled_tokens": n}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def state_shardings(spec: StepSpec, params: Params, mesh: Mesh):
+    """Shardings of the TrainState that `init_state(spec, params)` makes."""
+    return sharding.tree_shardings(jax.eval_shape(functools.partial(init_state, spec), params), mesh)
+
+
+def sharded_state(spec: StepSpec, params: Params, mesh: Mesh) -> TrainState:
+    """init_state laid out on the mesh (parameters are placed first, so nothing is ever whole on one device)."""
+    shardings = state_shardings(spec, params, mesh)
+    params = jax.device_put(params, shardings.params)
+    return jax.jit(functools.partial(init_state, spec), out_shardings=shardings)(params)
+
+
+def compile_step(spec: StepSpec, mesh: Mesh, shardings):
+    """`train_step` jitted over `mesh`: state in and out with `shardings` (donated), batch split over
+    the data-parallel axes, metrics replicated."""
+    return jax.jit(functools.partial(train_step, spec), in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
