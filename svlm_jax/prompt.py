@@ -78,6 +78,11 @@ def commentary_ids(encode: Encode, words: Sequence[str]) -> list[int]:
     return encode(text) if text else []
 
 
+def previous_text_ids(encode: Encode, text: str) -> list[int]:
+    """Initial previous text, tokenized like commentary so it joins later commentary seamlessly."""
+    return commentary_ids(encode, text.split())
+
+
 def assistant_turn(ct: ChatTokens, content_ids: Sequence[int]) -> list[int]:
     """What the model generates for a second: commentary, " ...", <|im_end|>."""
     return [*content_ids, *ct.end_marker, ct.im_end]

@@ -150,6 +150,33 @@ class StreamingSession:
         tokens, n_gen = np.asarray(out.tokens_bm), np.asarray(out.n_gen_b)
         return [self._text(tokens[b, :n_gen[b]]) for b in range(self.batch)]
 
+    def replay(self, frames_or_patches, t_start: float, t_end: float, commentary: str) -> None:
+        """Feed one second with known commentary instead of generating it (batch 1): to warm a
+        stream up from a transcript, or to rebuild exactly the context training sees."""
+        self.replay_batch([frames_or_patches], [t_start], [t_end], [commentary])
+
+    def replay_batch(self, seconds, t_starts, t_ends, commentaries) -> None:
+        rows, grid = self._patches(seconds)
+        self._ensure_engine(grid)
+        if self.config.scheme != "streaming":
+            raise ValueError("replay serves the streaming scheme")
+        self._start_pending()
+        lay, ct = self._spec.layout, self.chat
+        tokens = np.zeros((self.batch, lay.max_new), np.int32)
+        n_gen = np.zeros(self.batch, np.int32)
+        for row, text in enumerate(commentaries):
+            if text is None:
+                continue
+            ids = prompt.assistant_turn(ct, prompt.commentary_ids(self.tokenizer.encode, text.split()))
+            if len(ids) > lay.max_new:
+                raise ValueError(f"commentary of {len(ids)} tokens does not fit max_new_tokens={lay.max_new}")
+            tokens[row, :len(ids)], n_gen[row] = ids, len(ids)
+        inputs = self._round_inputs(t_starts, t_ends)
+        self._state = engine.replay_round(self.model, self._spec, self._state, inputs, rows, self._vision_layout,
+                                          jnp.asarray(tokens), jnp.asarray(n_gen))
+        self._rounds += 1
+        self._context_rounds += 1
+
     def join(self, row: int, previous_text: str = "") -> None:
         """(Re)start the stream of batch row `row` with its own previous text."""
         if self.config.scheme in ("sliding", "sliding_overlap") and self.batch > 1:
@@ -251,7 +278,7 @@ class StreamingSession:
         valid = np.zeros_like(prefix, bool)
         n_sink, n_win = np.zeros(self.batch, np.int32), np.zeros(self.batch, np.int32)
         for row in self._pending_join:
-            prev = self.tokenizer.encode(self._previous[row]) if self._previous[row] else []
+            prev = prompt.previous_text_ids(self.tokenizer.encode, self._previous[row])
             kept = prompt.truncate_previous(prev, lay.text_sink, lay.text_window)
             sink, window = kept[:lay.text_sink], kept[lay.text_sink:]
             prefix[row, :lay.head_len] = self._head

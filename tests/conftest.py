@@ -68,11 +68,20 @@ STREAM_CORPUS = ["Red passes. Blue shoots! Goal for Red! Red 1 Blue 0. Foul by B
 
 
 @pytest.fixture(scope="session")
-def stream_tokenizer(tmp_path_factory):
-    """A tiny byte-level BPE with Qwen's special tokens, trained here."""
+def stream_tokenizer_dir(tmp_path_factory):
+    """A directory with a tiny byte-level BPE with Qwen's special tokens, trained here."""
     from svlm_jax.tokenizer import train_tokenizer
 
-    return train_tokenizer(STREAM_CORPUS * 10, 400, tmp_path_factory.mktemp("tok"))
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(STREAM_CORPUS * 10, 400, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stream_tokenizer(stream_tokenizer_dir):
+    from svlm_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(stream_tokenizer_dir)
 
 
 def random_stream_model(tokenizer, *, seed: int = 0, model_type: str = "qwen2_5_vl"):

@@ -43,7 +43,7 @@ class SlowStream:
         self.R, self.V, self.sink, self.window, self.max_new = text_rounds, vision_rounds, text_sink, text_window, max_new
         self.query, self.span = query, resume_span
         head = prompt.system_block(self.ct, self.enc) + prompt.previous_header(self.ct, self.enc)
-        prev = self.enc(previous_text) if previous_text else []
+        prev = prompt.previous_text_ids(self.enc, previous_text)
         self.head = [Entry(t) for t in head]
         self.previous = [Entry(t) for t in prev]  # everything ever put into the previous-text block
         self.footer = [Entry(t) for t in prompt.previous_footer(self.ct)]

@@ -28,8 +28,8 @@ def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rn
     session = StreamingSession(stream_model, tok, cfg)
     ct = session.chat
     enc = tok.encode
-    seq = (prompt.system_block(ct, enc) + prompt.previous_header(ct, enc) + enc(cfg.previous_text)
-           + prompt.previous_footer(ct))
+    seq = (prompt.system_block(ct, enc) + prompt.previous_header(ct, enc)
+           + prompt.previous_text_ids(enc, cfg.previous_text) + prompt.previous_footer(ct))
     expected = []  # (index in seq, logits from the engine) pairs
     rows_all = []
     n_vis = int(np.prod(GRID)) // 4
@@ -210,8 +210,8 @@ def test_sliding_overlap_rebuilds_last_window(stream_model, stream_tokenizer, rn
         out = session.last_output
         history.append((rows, [int(t) for t in np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])]]))
         window = list(range(max(0, i - W + 1), i + 1))
-        seq = (prompt.system_block(ct, enc) + prompt.previous_header(ct, enc) + enc(cfg.previous_text)
-               + prompt.previous_footer(ct))
+        seq = (prompt.system_block(ct, enc) + prompt.previous_header(ct, enc)
+               + prompt.previous_text_ids(enc, cfg.previous_text) + prompt.previous_footer(ct))
         for k in window:
             before, after = prompt.user_turn(ct, enc, float(k), float(k + 1), cfg.query if k == window[0] else None)
             seq += before + [ct.video_pad] * (int(np.prod(GRID)) // 4) + after

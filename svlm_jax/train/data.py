@@ -217,7 +217,7 @@ def chunk_bounds(n_seconds: int, spec: ChunkSpec) -> list[tuple[int, int]]:
 
 def previous_ids(fmt: ChatFormat, sample: Sample, rounds: Sequence[Round], start: int, spec: ChunkSpec) -> list[int]:
     """Previous-text tokens of a chunk starting at second `start`: inference's truncation policy."""
-    ids = prompt.commentary_ids(fmt.encode, sample.previous.split())
+    ids = prompt.previous_text_ids(fmt.encode, sample.previous)
     for r in rounds[:start]:
         ids += prompt.commentary_ids(fmt.encode, r.words)
     return prompt.truncate_previous(ids, spec.text_sink, spec.text_window)
