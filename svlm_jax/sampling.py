@@ -10,12 +10,14 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters; `suppress_tokens`
+    are never chosen (as transformers' option of that name)."""
 
     temperature: float = 0.9
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.05
+    suppress_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
@@ -48,6 +50,9 @@ def filter_logits(logits_bv, cfg: SamplingConfig):
 
 def next_token(logits_bv, seen_bv, keys_b, cfg: SamplingConfig):
     """Token ids [B] from float32 logits [B, V]; `keys_b` one PRNG key per stream."""
+    logits_bv = jnp.asarray(logits_bv)
+    if cfg.suppress_tokens:
+        logits_bv = logits_bv.at[:, jnp.asarray(cfg.suppress_tokens)].set(-jnp.inf)
     logits_bv = apply_repetition_penalty(logits_bv, seen_bv, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)

@@ -259,8 +259,12 @@ class StreamingSession:
             return
         cfg, ct = self.model.config, self.chat
         layout = cache_layout(cfg, ct, self.tokenizer.encode, self.config, grid)
+        # Vision placeholders are the frames' slots, never commentary.
+        placeholders = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+        sampling_cfg = dataclasses.replace(
+            self.config.sampling, suppress_tokens=tuple(sorted({*self.config.sampling.suppress_tokens, *placeholders})))
         self._spec = engine.EngineSpec(
-            layout=layout, sampling=self.config.sampling, pos_mode=self.config.pos_mode, im_end=ct.im_end,
+            layout=layout, sampling=sampling_cfg, pos_mode=self.config.pos_mode, im_end=ct.im_end,
             video_pad=ct.video_pad, close_ids=(*ct.end_marker, ct.im_end), end_marker=ct.end_marker,
             tail_ids=tuple(prompt.round_tail(ct)), grid_thw=grid)
         t = cfg.text
