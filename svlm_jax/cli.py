@@ -455,6 +455,41 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- svlm demo
+
+DEMO_DESCRIPTION = """\
+Watch the bundled tiny StreamingVLM commentate a synthetic football match it has never seen,
+one second at a time, on the CPU: each second's commentary is printed beside the ground truth
+with a running accuracy, and the match is saved as an mp4 with the commentary as WebVTT
+subtitles beside it. Scores and foul counts are never drawn on the pitch: the model can only
+state them by remembering its own earlier commentary.
+
+example:
+  svlm demo
+  svlm demo --minutes 5 --seed 2024 --out demo_out"""
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from svlm_jax.demo import DEMO_SEED
+
+    parser.add_argument("--seed", type=non_negative_int, default=DEMO_SEED,
+                        help="which match to play (default: %(default)s, never seen in training)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--minutes", type=positive_int, default=1, help="length of the match (default: %(default)s)")
+    length.add_argument("--seconds", type=positive_int, help="length of the match in seconds, instead of --minutes")
+    parser.add_argument("--out", default="svlm_demo", metavar="DIR",
+                        help="folder for the match video and its subtitles (default: %(default)s)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from svlm_jax.demo import run
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out} exists and is not a folder")
+    run(args.seed, args.seconds or 60 * args.minutes, Path(args.out))
+    return 0
+
+
 # ---------------------------------------------------------------- the parser
 
 COMMANDS = (
@@ -465,6 +500,8 @@ COMMANDS = (
     Command("train", "fine-tune with overlapped-chunk SFT", TRAIN_DESCRIPTION, add_train_arguments, run_train),
     Command("export", "write a training checkpoint as a HuggingFace model", EXPORT_DESCRIPTION,
             add_export_arguments, run_export),
+    Command("demo", "watch the bundled tiny model commentate a synthetic match", DEMO_DESCRIPTION,
+            add_demo_arguments, run_demo),
 )
 
 

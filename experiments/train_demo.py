@@ -1,0 +1,240 @@
+"""Train the model `svlm demo` ships: a tiny StreamingVLM that commentates the synthetic match.
+
+One command reproduces svlm_jax/assets/demo_model/ and experiments/results/demo_training.json:
+    python -m experiments.train_demo
+Stages, each skipped when its output already exists under --work (so a re-run resumes; training
+itself resumes from its latest checkpoint):
+  1. data       synthetic streams (seeds 0 .. streams-1) as SFT samples: samples.jsonl + mp4s
+  2. tokenizer  byte-level BPE on the commentary and the chat format's words, with a
+                preprocessor_config.json that keeps the 112x112 frames as they are (8x8 patches,
+                16 vision tokens per second) for training and streaming alike
+  3. init       random weights of the demo architecture (DEMO_ARCHITECTURE) as an HF directory
+  4. train      overlapped-chunk SFT (`svlm_jax.train.run.main_train`) on a generated TOML config
+  5. export     float32 HF checkpoint into svlm_jax/assets/demo_model/
+  6. evaluate   stream the held-out seed `demo.DEMO_SEED` through StreamingSession as the demo does
+                and score it with the synth scorer; record the demo's first seconds for the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import svlm_jax
+from experiments.common import RESULTS, write_result
+from svlm_jax import demo, prompt
+from svlm_jax.config import ModelConfig, TextConfig, VisionConfig
+from svlm_jax.model.params import Model
+from svlm_jax.synth import DatasetConfig, summarize_scores, write_dataset
+from svlm_jax.synth.commentary import score_commentary
+from svlm_jax.tokenizer import Tokenizer, train_tokenizer
+from svlm_jax.train import data
+from svlm_jax.train.run import main_export, main_train, model_for_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The bundled model: LM hidden 128, 4 layers, head_dim 32 (16 rotary pairs split t/h/w as 4/6/6);
+# a 2-block vision tower of width 64. Special-token ids and vocab come from the tokenizer.
+DEMO_ARCHITECTURE = ModelConfig(
+    model_type="qwen2_5_vl",
+    vision=VisionConfig(kind="qwen2_5_vl", depth=2, hidden_size=64, num_heads=2, intermediate_size=128,
+                        out_hidden_size=128, fullatt_block_indexes=(1,)),
+    text=TextConfig(vocab_size=1, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                    num_kv_heads=2, rope_theta=10_000.0, mrope_section=(4, 6, 6)),
+    image_token_id=0, video_token_id=0, vision_start_token_id=0, vision_end_token_id=0)
+
+FRAME_PIXELS = 112 * 112  # the synth renderer's frame: min = max pixels keeps it unresized
+TOKENIZER_VOCAB = 512
+
+
+def make_data(work: Path, streams: int, minutes: int) -> Path:
+    out = work / "data"
+    if not (out / "samples.jsonl").is_file():
+        write_dataset(out, DatasetConfig(streams=streams, minutes=minutes, first_seed=0))
+    return out / "samples.jsonl"
+
+
+def make_tokenizer(work: Path, samples: Path) -> Path:
+    out = work / "tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return out
+    texts = [" ".join(w for _, _, w in json.loads(line)["text_stream"]) for line in samples.open()]
+    # The chat format's own words, so prompts tokenize into few tokens too.
+    times = [prompt.time_label(t, t + 1) for t in range(0, 4000, 7)]
+    texts += [prompt.SYSTEM, "system", "previous text", "user", "assistant", prompt.QUERY, prompt.END_MARKER,
+              *times] * 20
+    train_tokenizer(texts, TOKENIZER_VOCAB, out)
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {"min_pixels": FRAME_PIXELS, "max_pixels": FRAME_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
+         "merge_size": 2}, indent=2))
+    return out
+
+
+def make_init(work: Path, tokenizer_dir: Path, seed: int) -> Path:
+    out = work / "init"
+    if not (out / "config.json").is_file():
+        tok = Tokenizer.from_pretrained(tokenizer_dir)
+        base = dataclasses.replace(DEMO_ARCHITECTURE,
+                                   text=dataclasses.replace(DEMO_ARCHITECTURE.text, vocab_size=tok.vocab_size))
+        cfg = model_for_tokenizer(base, tok)
+        svlm_jax.save_pretrained(Model(cfg, svlm_jax.init_params(cfg, jax.random.key(seed))), out)
+    return out
+
+
+def bucket_for(samples: Path, tokenizer_dir: Path, spec: data.ChunkSpec) -> tuple[int, int]:
+    """One bucket holding the longest chunk (tokens rounded up to 64): a single compilation."""
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    fmt = data.ChatFormat.from_tokenizer(tok, tokenizer_dir)
+    n_vision = demo.VISION_TOKENS_PER_SECOND
+    longest = 0
+    for sample in data.read_samples(samples):
+        rounds = data.sample_rounds(sample, spec)
+        for start, end in data.chunk_bounds(len(rounds), spec):
+            ids, _ = data.chunk_tokens(fmt, spec, data.previous_ids(fmt, sample, rounds, start, spec),
+                                       rounds[start:end], [n_vision] * (end - start))
+            longest = max(longest, len(ids))
+    return -(-longest // 64) * 64, spec.chunk_seconds * 4 * n_vision  # 4 patches per merged token
+
+
+def write_run_config(work: Path, samples: Path, tokenizer_dir: Path, init_dir: Path, args) -> Path:
+    spec = chunk_spec(args)
+    tokens, patches = bucket_for(samples, tokenizer_dir, spec)
+    path = work / "run.toml"
+    path.write_text(f"""# Written by experiments/train_demo.py
+[model]
+tokenizer = "{tokenizer_dir}"
+pretrained = "{init_dir}"
+compute_dtype = "float32"      # bfloat16 matmuls are slow on CPUs
+freeze_vision = false          # the tower starts random: it has to learn to see the match
+remat = false                  # small activations; recomputing them only costs time
+
+[data]
+train = "{samples}"
+chunk_seconds = {spec.chunk_seconds}
+overlap_seconds = {spec.overlap_seconds}
+text_sink = {spec.text_sink}
+text_window = {spec.text_window}
+buckets = [[{tokens}, {patches}]]
+workers = 0
+
+[train]
+out_dir = "{work / 'run'}"
+steps = {args.steps}
+batch_size = {args.batch_size}
+lr = {args.lr}
+warmup_ratio = 0.03
+clip_norm = 1.0
+log_every = 10
+
+[checkpoint]
+every = 100
+keep = 2
+""")
+    return path
+
+
+def chunk_spec(args) -> data.ChunkSpec:
+    # The demo's cache policy, so training sees the previous text the demo will keep.
+    return data.ChunkSpec(chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
+                          text_sink=demo.STREAM.text_sink, text_window=demo.STREAM.text_window)
+
+
+def evaluate(model_dir: Path, seconds: int) -> dict:
+    """Stream the held-out seed as the demo does; accuracy overall and per kind of fact."""
+    model, tok = demo.load_model(model_dir)
+    started = time.perf_counter()
+    texts, truths = [], []
+    for item, text in demo.commentate(model, tok, demo.DEMO_SEED, seconds):
+        texts.append(text)
+        truths.append(item.truth)
+    wall = time.perf_counter() - started
+    scores = score_commentary(texts, truths)
+    by_kind, counts_by_kind = Counter(), Counter()
+    right_by_kind, counts_right_by_kind = Counter(), Counter()
+    for text, truth, score in zip(texts, truths, scores):
+        for fact in truth.facts:
+            by_kind[fact.kind] += 1
+            right_by_kind[fact.kind] += score.events_correct
+            if fact.counts:
+                counts_by_kind[fact.kind] += 1
+                counts_right_by_kind[fact.kind] += bool(score.counts_correct)
+    examples = [{"second": t.second, "truth": t.text, "predicted": p} for t, p in zip(truths, texts)
+                if t.facts and t.facts[0].counts][:20]
+    return {"seed": demo.DEMO_SEED, "seconds": seconds, "wall_s_with_compilation": wall,
+            **summarize_scores(scores),
+            "event_accuracy_by_kind": {k: right_by_kind[k] / n for k, n in sorted(by_kind.items())},
+            "count_accuracy_by_kind": {k: counts_right_by_kind[k] / n for k, n in sorted(counts_by_kind.items())},
+            "facts_by_kind": dict(sorted(by_kind.items())), "count_examples": examples}
+
+
+def record_outputs(model_dir: Path, seconds: int) -> None:
+    model, tok = demo.load_model(model_dir)
+    texts = [text for _, text in demo.commentate(model, tok, demo.DEMO_SEED, seconds)]
+    (model_dir / "recorded_outputs.json").write_text(json.dumps(
+        {"seed": demo.DEMO_SEED, "seconds": seconds, "texts": texts}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=str(REPO / "runs" / "train_demo"), help="data, tokenizer and run directory")
+    parser.add_argument("--out", default=str(demo.DEMO_MODEL_DIR), help="where the exported model goes")
+    parser.add_argument("--streams", type=int, default=16, help="training streams (seeds 0 .. streams-1)")
+    parser.add_argument("--minutes", type=int, default=10, help="minutes per training stream")
+    parser.add_argument("--chunk-seconds", type=int, default=16)
+    parser.add_argument("--overlap-seconds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=450)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    parser.add_argument("--eval-seconds", type=int, default=300, help="seconds of the held-out seed scored")
+    parser.add_argument("--record-seconds", type=int, default=20, help="seconds recorded for the tests")
+    args = parser.parse_args()
+    if demo.DEMO_SEED < args.streams:
+        parser.error(f"the demo's seed {demo.DEMO_SEED} must stay out of the training seeds 0..{args.streams - 1}")
+
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    samples = make_data(work, args.streams, args.minutes)
+    tokenizer_dir = make_tokenizer(work, samples)
+    init_dir = make_init(work, tokenizer_dir, args.seed)
+    config = write_run_config(work, samples, tokenizer_dir, init_dir, args)
+    prepared = time.perf_counter()
+    main_train(config)
+    trained = time.perf_counter()
+    if out.exists():
+        shutil.rmtree(out)
+    main_export(work / "run", out)
+    evaluation = evaluate(out, args.eval_seconds)
+    record_outputs(out, args.record_seconds)
+
+    log = [json.loads(line) for line in (work / "run" / "log.jsonl").open()]
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(svlm_jax.load_pretrained(out, "float32").params))
+    result = {
+        "settings": {**vars(args), "architecture": DEMO_ARCHITECTURE.to_dict(), "parameters": n_params,
+                     "stream": dataclasses.asdict(demo.STREAM), "run_config": config.read_text()},
+        # From the log, so a resumed run (or a re-run that only exports and evaluates) reports the
+        # training itself; step 10's record is the first, after compilation.
+        "train_wall_s_from_step_10": log[-1]["time"] - log[0]["time"],
+        "wall_s_this_invocation": {"prepare": prepared - started, "train": trained - prepared,
+                                   "total": time.perf_counter() - started},
+        "loss_curve": [{k: r[k] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s")} for r in log],
+        "final_loss": log[-1]["loss"],
+        "evaluation": evaluation,
+    }
+    path = write_result("demo_training", result, RESULTS / "demo_training.json")
+    print(json.dumps({k: evaluation[k] for k in ("accuracy", "event_accuracy", "silence_accuracy",
+                                                 "count_accuracy")}, indent=2))
+    print(f"wrote {out} and {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The bundled demo model (assets/demo_model) and `svlm demo`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from svlm_jax import cli, demo
+from svlm_jax.media.video import VideoReader
+
+
+def test_bundled_model_reproduces_its_recorded_commentary():
+    """Greedy commentary of the first seconds of the demo's match, as train_demo recorded it after export."""
+    recorded = json.loads((demo.DEMO_MODEL_DIR / "recorded_outputs.json").read_text())
+    model, tokenizer = demo.load_model()
+    texts = [text for _, text in demo.commentate(model, tokenizer, recorded["seed"], recorded["seconds"])]
+    assert texts == recorded["texts"]
+    assert any(texts), "the bundled model should say something in its recorded seconds"
+
+
+def test_demo_writes_video_subtitles_and_accuracy(tmp_path, capsys):
+    assert cli.main(["demo", "--seconds", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+:\d\d  ", line)]
+    assert len(rows) == 4 and all(re.search(r"(ok|--) +\d+\.\d%$", row) for row in rows), out
+    assert re.search(r"^accuracy \d+\.\d% over 4 s", out, re.M), out
+    assert re.search(r"^real-time factor \d+\.\d+", out, re.M), out
+
+    vtt = (tmp_path / f"match_{demo.DEMO_SEED}.vtt").read_text()
+    assert vtt.startswith("WEBVTT\n\n")
+    for cue in vtt[len("WEBVTT\n\n"):].split("\n\n"):
+        if cue:
+            timing, payload = cue.split("\n", 1)
+            assert re.fullmatch(r"00:00:0[0-3]\.000 --> 00:00:0[1-4]\.000", timing) and payload.strip(), cue
+
+    with VideoReader(tmp_path / f"match_{demo.DEMO_SEED}.mp4", fps=2) as reader:
+        seconds = list(reader)
+    assert len(seconds) == 4
+    assert all(s.frames_thwc.shape == (2, 112, 112, 3) and np.ptp(s.frames_thwc) > 0 for s in seconds)
+
+
+def test_demo_bad_arguments(tmp_path, capsys):
+    assert cli.main(["demo", "--minutes", "0"]) == 2
+    assert cli.main(["demo", "--minutes", "2", "--seconds", "5"]) == 2
+    capsys.readouterr()
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert cli.main(["demo", "--out", str(not_a_folder)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"svlm: error: --out {not_a_folder} exists and is not a folder", err
