@@ -140,7 +140,7 @@ class SlowStream:
         feats = np.asarray(svlm_jax.encode_vision(self.model, rows, np.array([grid])))
         first_logits = self._process(context, new, feats)
         self.rounds.append(rnd)
-        logits, token = first_logits, int(np.argmax(first_logits))
+        logits, token = first_logits, self._greedy(first_logits)
         while True:
             e = Entry(token)
             context = self.retained()
@@ -148,8 +148,15 @@ class SlowStream:
             logits = self._process(context, [e])
             if token == ct.im_end or len(rnd.generated) == self.max_new:
                 break
-            token = int(np.argmax(logits))
+            token = self._greedy(logits)
         return first_logits, rnd.tokens()
+
+    def _greedy(self, logits) -> int:
+        """Argmax over the tokens commentary may use (the vision placeholders never are)."""
+        c = self.cfg
+        allowed = np.array(logits, np.float64)
+        allowed[[c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]] = -np.inf
+        return int(np.argmax(allowed))
 
 
 def jax_tree_index(tree, i):

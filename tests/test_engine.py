@@ -75,22 +75,33 @@ def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rn
 
 def end_prone(model, tokenizer):
     """A random model rarely says <|im_end|>: point its head row at the embedding of the token greedy
-    decoding repeats most (found by running the engine), so that rounds end now and then."""
+    decoding repeats most (found by running the engine), scaled so that about half of the rounds
+    end with it and the others are cut at max_new_tokens."""
     import collections
 
     import jax.numpy as jnp
 
-    session = StreamingSession(model, tokenizer, StreamConfig(max_new_tokens=4, sampling=GREEDY))
-    rng = np.random.default_rng(0)
-    counts = collections.Counter()
-    for i in range(8):
-        session.step_batch([random_second(rng)], [float(i)], [float(i + 1)])
-        counts.update(np.asarray(session.last_output.tokens_bm)[0].tolist())
+    def rounds_of(m, n=12):
+        session = StreamingSession(m, tokenizer, StreamConfig(text_rounds=3, vision_window_s=2, text_sink=5,
+                                                              text_window=7, max_new_tokens=4, sampling=GREEDY))
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            session.step_batch([random_second(rng)], [float(i)], [float(i + 1)])
+            out = session.last_output
+            yield np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])].tolist()
+
+    counts = collections.Counter(t for gen in rounds_of(model) for t in gen)
     p = model.params.text
     direction = p.embed_vd[counts.most_common(1)[0][0]] * p.final_norm_d
-    scale = 3.0 * jnp.linalg.norm(p.lm_head_dv, axis=0).mean() / jnp.linalg.norm(direction)
-    head = p.lm_head_dv.at[:, tokenizer.special.im_end].set(scale * direction)
-    return model.replace(params=model.params.replace(text=p.replace(lm_head_dv=head)))
+    unit = jnp.linalg.norm(p.lm_head_dv, axis=0).mean() / jnp.linalg.norm(direction)
+    best = None
+    for scale in (1.0, 1.5, 2.0, 3.0, 4.0):
+        head = p.lm_head_dv.at[:, tokenizer.special.im_end].set(scale * unit * direction)
+        candidate = model.replace(params=model.params.replace(text=p.replace(lm_head_dv=head)))
+        ended = np.mean([gen[-1] == tokenizer.special.im_end for gen in rounds_of(candidate)])
+        if best is None or abs(ended - 0.5) < best[0]:
+            best = (abs(ended - 0.5), candidate)
+    return best[1]
 
 
 def test_policy_matches_slow_reference(stream_model, stream_tokenizer, rng):
@@ -126,7 +137,7 @@ def test_policy_matches_slow_reference(stream_model, stream_tokenizer, rng):
         retained = slow.retained()
         assert [c.token_id for c in view] == [e.token for e in retained], f"round {i}"
         assert np.array_equal(np.array([c.position for c in view]), slow.positions(retained)), f"round {i}"
-    assert 5 <= ended <= 100, ended  # both ways a round ends are exercised
+    assert 5 <= ended <= 99, ended  # both ways a round ends are exercised
     assert len(slow.previous) > 5 + 7  # the sink filled and the window wrapped
 
 
