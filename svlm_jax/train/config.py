@@ -43,7 +43,7 @@ import types
 import typing
 from pathlib import Path
 
-from svlm_jax import prompt
+from svlm_jax.train.data import ChunkSpec
 
 
 class TrainConfigError(ValueError):
@@ -66,13 +66,14 @@ class ModelSection:
 class DataSection:
     train: str
     buckets: tuple[tuple[int, int], ...]
-    chunk_seconds: int = 24
-    overlap_seconds: int = 12
-    text_sink: int = 512
-    text_window: int = 512
-    fps: int = 2
-    system: str = prompt.SYSTEM
-    query: str = prompt.QUERY
+    # How streams become chunks: defaults are ChunkSpec's (one definition), copied field by field.
+    chunk_seconds: int = ChunkSpec.chunk_seconds
+    overlap_seconds: int = ChunkSpec.overlap_seconds
+    text_sink: int = ChunkSpec.text_sink
+    text_window: int = ChunkSpec.text_window
+    fps: int = ChunkSpec.fps
+    system: str = ChunkSpec.system
+    query: str = ChunkSpec.query
     min_pixels: int = 0
     max_pixels: int = 0
     workers: int = 0

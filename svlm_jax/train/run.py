@@ -108,8 +108,7 @@ def main_train(config_path: str | Path, *, max_steps: int | None = None) -> int:
             json.dumps({**model.config.to_dict(), "dtype": cfg.model.param_dtype}, indent=2))
 
     d, t = cfg.data, cfg.train
-    chunk_spec = data.ChunkSpec(d.chunk_seconds, d.overlap_seconds, d.text_sink, d.text_window, d.fps, d.system,
-                                d.query)
+    chunk_spec = data.ChunkSpec(**{f.name: getattr(d, f.name) for f in dataclasses.fields(data.ChunkSpec)})
     plan = data.plan_chunks(data.ChatFormat.from_tokenizer(tok, cfg.model.tokenizer), model.config, chunk_spec,
                             vision_preprocess(cfg, tok), data.read_samples(d.train),
                             [data.Bucket(n, p) for n, p in d.buckets])
