@@ -33,8 +33,7 @@ from experiments.common import RESULTS, write_result
 from svlm_jax import demo, prompt
 from svlm_jax.config import ModelConfig, TextConfig, VisionConfig
 from svlm_jax.model.params import Model
-from svlm_jax.synth import DatasetConfig, summarize_scores, write_dataset
-from svlm_jax.synth.commentary import score_commentary
+from svlm_jax.synth import DatasetConfig, memory_ages, score_commentary, summarize_scores, write_dataset
 from svlm_jax.tokenizer import Tokenizer, train_tokenizer
 from svlm_jax.train import data
 from svlm_jax.train.run import main_export, main_train, model_for_tokenizer
@@ -169,7 +168,7 @@ def evaluate(model_dir: Path, seconds: int) -> dict:
     examples = [{"second": t.second, "truth": t.text, "predicted": p} for t, p in zip(truths, texts)
                 if t.facts and t.facts[0].counts][:20]
     return {"seed": demo.DEMO_SEED, "seconds": seconds, "wall_s_with_compilation": wall,
-            **summarize_scores(scores),
+            **summarize_scores(scores, memory_ages(truths), demo.STREAM.vision_window_s),
             "event_accuracy_by_kind": {k: right_by_kind[k] / n for k, n in sorted(by_kind.items())},
             "count_accuracy_by_kind": {k: counts_right_by_kind[k] / n for k, n in sorted(counts_by_kind.items())},
             "facts_by_kind": dict(sorted(by_kind.items())), "count_examples": examples}
@@ -186,16 +185,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(REPO / "runs" / "train_demo"), help="data, tokenizer and run directory")
     parser.add_argument("--out", default=str(demo.DEMO_MODEL_DIR), help="where the exported model goes")
-    parser.add_argument("--streams", type=int, default=16, help="training streams (seeds 0 .. streams-1)")
+    parser.add_argument("--streams", type=int, default=24, help="training streams (seeds 0 .. streams-1)")
     parser.add_argument("--minutes", type=int, default=10, help="minutes per training stream")
     parser.add_argument("--chunk-seconds", type=int, default=16)
     parser.add_argument("--overlap-seconds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=450)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
     parser.add_argument("--eval-seconds", type=int, default=300, help="seconds of the held-out seed scored")
     parser.add_argument("--record-seconds", type=int, default=20, help="seconds recorded for the tests")
+    parser.add_argument("--result", default=str(RESULTS / "demo_training.json"), help="where the JSON result goes")
     args = parser.parse_args()
     if demo.DEMO_SEED < args.streams:
         parser.error(f"the demo's seed {demo.DEMO_SEED} must stay out of the training seeds 0..{args.streams - 1}")
@@ -230,9 +230,9 @@ def main() -> None:
         "final_loss": log[-1]["loss"],
         "evaluation": evaluation,
     }
-    path = write_result("demo_training", result, RESULTS / "demo_training.json")
+    path = write_result("demo_training", result, args.result)
     print(json.dumps({k: evaluation[k] for k in ("accuracy", "event_accuracy", "silence_accuracy",
-                                                 "count_accuracy")}, indent=2))
+                                                 "count_accuracy", "memory_accuracy")}, indent=2))
     print(f"wrote {out} and {path}")
 
 

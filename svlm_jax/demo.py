@@ -1,7 +1,8 @@
 """`svlm demo`: the bundled tiny StreamingVLM commentates a synthetic match, second by second.
 
 The model in assets/demo_model/ was trained by `python -m experiments.train_demo` on synthetic
-matches of seeds 0-15; the demo's default seed was never seen in training. Each second its
+matches of the seeds below 1000 (experiments/results/demo_training.json says which); the demo's
+default seed was never seen in training. Each second its
 commentary is printed beside the ground truth with a running accuracy (the synth scorer), and the
 match is written as an mp4 with the commentary as WebVTT subtitles beside it.
 """
@@ -17,7 +18,8 @@ from svlm_jax.media.subtitles import VttWriter
 from svlm_jax.model.params import Model
 from svlm_jax.sampling import SamplingConfig
 from svlm_jax.session import StreamConfig, StreamingSession
-from svlm_jax.synth import MatchConfig, RenderConfig, StreamSecond, score_commentary, stream_seconds, summarize_scores
+from svlm_jax.synth import (MatchConfig, RenderConfig, StreamSecond, memory_ages, score_commentary, stream_seconds,
+                            summarize_scores)
 from svlm_jax.synth.dataset import write_video
 from svlm_jax.tokenizer import Tokenizer
 from svlm_jax.weights import load_pretrained
@@ -73,14 +75,19 @@ def run(seed: int, seconds: int, out_dir: Path, model_dir: Path = DEMO_MODEL_DIR
 
     with VttWriter(subtitles) as vtt:
         write_video(video, frames(), render.fps, render.height, render.width)
-    summary = summarize_scores(score_commentary(texts, truths))
+    summary = summarize_scores(score_commentary(texts, truths), memory_ages(truths), STREAM.vision_window_s)
     # The first second includes compilation; the steady state is what live video needs.
     steady = step_times[1:] or step_times
     summary["real_time_factor"] = sum(steady) / len(steady)
     summary["first_second_s"] = step_times[0]
-    print(f"accuracy {summary['accuracy']:.1%} over {len(texts)} s (events {summary['event_accuracy']:.1%}, "
-          f"silence {summary['silence_accuracy']:.1%}, scores and counts {summary['count_accuracy']:.1%} "
-          f"of {summary['count_seconds']} s)")
+
+    def rate(key: str) -> str:
+        return "-" if summary[key] is None else f"{summary[key]:.1%}"
+
+    print(f"accuracy {rate('accuracy')} over {len(texts)} s (events {rate('event_accuracy')}, silence "
+          f"{rate('silence_accuracy')}, scores and counts {rate('count_accuracy')} of {summary['count_seconds']} s, "
+          f"those older than the {STREAM.vision_window_s} s vision window {rate('memory_accuracy')} of "
+          f"{summary['memory_seconds']} s)")
     print(f"real-time factor {summary['real_time_factor']:.3f}: seconds of work (rendering, model, encoding) per "
           f"second of video after the first, which compiled in {step_times[0]:.1f} s; below 1 keeps up with live video")
     print(f"wrote {video} and {subtitles}")

@@ -18,12 +18,13 @@ from svlm_jax.synth import (
     render_frame,
     render_second,
     score_commentary,
+    stream_seconds,
     stream_window,
     summarize_scores,
     write_dataset,
 )
 from svlm_jax.synth.commentary import VOCABULARY
-from svlm_jax.synth.render import BALL_COLOUR, TEAM_COLOURS, pitch_to_pixel
+from svlm_jax.synth.render import BALL_COLOUR, BAR_COLOUR, EVENT_COLOURS, RECAP_COLOUR, TEAM_COLOURS, pitch_to_pixel
 from svlm_jax.synth.world import EVENT_KINDS
 
 HOUR = 3600
@@ -120,8 +121,25 @@ def test_frame_shows_ball_possessor_events_and_clock(hour):
     goal = next(r for r in records if r.events and r.events[0].kind == "goal")
     pitch_corner = render_second(goal, teams, config)[0][config.bar_height, 0]
     assert tuple(pitch_corner) == TEAM_COLOURS[teams[goal.events[0].team]]
-    foul = next(r for r in records if r.events and r.events[0].kind == "foul")
-    assert tuple(render_second(foul, teams, config)[0][0, 0]) == TEAM_COLOURS[teams[foul.events[0].team]]
+    # The captions: top bar in the kind's colour, bottom strip in the actor's, both grey when silent,
+    # the top bar RECAP_COLOUR in the seconds whose commentary restates the score.
+    assert set(EVENT_COLOURS) == set(EVENT_KINDS)
+    assert len({*EVENT_COLOURS.values(), RECAP_COLOUR, BAR_COLOUR}) == len(EVENT_KINDS) + 2
+    seen = set()
+    for item in stream_seconds(MatchConfig(seed=3), config):
+        if item.second == 600:
+            break
+        facts = item.truth.facts
+        seen.update(f.kind for f in facts)
+        for frame in item.frames:
+            top, bottom = tuple(frame[0, 0]), tuple(frame[-1, 0])
+            if facts and facts[0].kind == "recap":
+                assert (top, bottom) == (RECAP_COLOUR, BAR_COLOUR)
+            elif facts:
+                assert (top, bottom) == (EVENT_COLOURS[facts[0].kind], TEAM_COLOURS[facts[0].team])
+            else:
+                assert top == bottom == BAR_COLOUR
+    assert seen == {*EVENT_KINDS, "recap"}
     # The clock changes each second; frames within a second share it. Times between sub-steps render too.
     bar = config.bar_height
     assert not np.array_equal(render_second(records[59], teams, config)[0][:bar],

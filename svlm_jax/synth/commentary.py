@@ -197,17 +197,50 @@ def score_commentary(predicted: Sequence[str], truth: Sequence[SecondTruth]) -> 
     return scores
 
 
-def summarize_scores(scores: Sequence[SecondScore]) -> dict[str, float]:
+def memory_ages(truths: Sequence[SecondTruth]) -> list[int | None]:
+    """For each second stating numbers: seconds since the oldest of them last changed (the previous
+    goal for a score, the fouler's previous foul for a foul count); None where nothing is stated.
+    `truths` run from the stream's start, which is where every number starts (0-0 as old as the match)."""
+    last_goal, last_foul, ages = 0, {}, []
+    for truth in truths:
+        age = None
+        for fact in truth.facts:
+            if fact.kind in ("goal", "recap"):
+                since = truth.second - last_goal
+            elif fact.kind == "foul":
+                since = truth.second - last_foul.get(fact.team, 0)
+            else:
+                continue
+            age = since if age is None else max(age, since)
+        for fact in truth.facts:
+            if fact.kind == "goal":
+                last_goal = truth.second
+            elif fact.kind == "foul":
+                last_foul[fact.team] = truth.second
+        ages.append(age)
+    return ages
+
+
+def summarize_scores(scores: Sequence[SecondScore], ages: Sequence[int | None] | None = None,
+                     long_s: int = 16) -> dict[str, float]:
     """Accuracy over all seconds, then separately over eventful and silent seconds and over the
-    numbers due (score and foul counts: the long-memory part)."""
-    eventful = [s.events_correct for s in scores if not s.silent]
-    silent = [s.events_correct for s in scores if s.silent]
-    counted = [s.counts_correct for s in scores if s.counts_correct is not None]
-    return {
+    numbers due (score and foul counts). With `ages` (memory_ages of the same seconds) also over
+    the numbers last changed more than `long_s` seconds before (those only memory can carry).
+    A rate with nothing to rate is None."""
+    def rate(values):
+        return sum(values) / len(values) if values else None
+
+    summary = {
         "seconds": len(scores),
-        "accuracy": sum(s.correct for s in scores) / max(1, len(scores)),
-        "event_accuracy": sum(eventful) / max(1, len(eventful)),
-        "silence_accuracy": sum(silent) / max(1, len(silent)),
-        "count_seconds": len(counted),
-        "count_accuracy": sum(counted) / max(1, len(counted)),
+        "accuracy": rate([s.correct for s in scores]),
+        "event_accuracy": rate([s.events_correct for s in scores if not s.silent]),
+        "silence_accuracy": rate([s.events_correct for s in scores if s.silent]),
+        "count_seconds": sum(s.counts_correct is not None for s in scores),
+        "count_accuracy": rate([s.counts_correct for s in scores if s.counts_correct is not None]),
     }
+    if ages is not None:
+        if len(ages) != len(scores):
+            raise ValueError(f"{len(ages)} ages for {len(scores)} scored seconds")
+        due = [s.counts_correct for s, age in zip(scores, ages) if age is not None and age > long_s]
+        summary.update(memory_seconds=len(due), memory_accuracy=rate(due))
+    return summary

@@ -63,8 +63,10 @@ def stream_seconds(match_config: MatchConfig, render_config: RenderConfig = Rend
     match = Match(match_config)
     commentator = Commentator(match.teams)
     for record in match:
-        frames = render_second(record, match.teams, render_config) if record.second >= render_from else None
-        yield StreamSecond(record.second, frames, commentator.comment(record))
+        truth = commentator.comment(record)
+        recap = any(fact.kind == "recap" for fact in truth.facts)
+        frames = render_second(record, match.teams, render_config, recap) if record.second >= render_from else None
+        yield StreamSecond(record.second, frames, truth)
 
 
 def stream_window(match_config: MatchConfig, start: int, end: int,

@@ -1,11 +1,14 @@
 """Frames of the synthetic match: bold flat shapes a tiny vision tower can read.
 
-Layout: a grey bar on top with the clock (white digits in a dark box), the green pitch below,
-goals as light-grey nets behind each goal line, players as squares in their team colour, the
-ball as a white square. A player holding the ball is drawn last, so the ball sits inside a ring
-of the possessor's colour. Event markers, shown on every frame of the event's second:
-a goal draws a border round the pitch in the scorer's colour; a foul paints the clock bar in the
-fouler's colour. The score and foul counts are never drawn: only the commentary tells them.
+Layout: a bar on top with the clock (white digits in a dark box), the green pitch, a strip at the
+bottom; goals as light-grey nets behind each goal line, players as squares in their team colour,
+the ball as a white square. A player holding the ball is drawn last, so the ball sits inside a
+ring of the possessor's colour. Like a broadcast's captions, every event shows on each frame of its
+second: the top bar in the event kind's colour (EVENT_COLOURS) and the bottom strip in the acting
+team's colour; a goal also draws a border round the pitch in the scorer's colour. A recap second
+(the commentary restates the score) paints the top bar RECAP_COLOUR. Both bars are grey
+otherwise. Large flat areas, so a 1M-parameter vision tower trained for minutes reads them; the
+score and foul counts are never drawn: only the commentary tells them.
 
 Frame times follow the frame-end convention: at `fps` frames per second, second s is shown by the
 frames at times s + (k + 1) / fps, k = 0 .. fps - 1 (s + 0.5 and s + 1.0 at 2 fps), which are the
@@ -26,6 +29,17 @@ TEAM_COLOURS = {
     "Purple": (150, 40, 200),
     "Orange": (255, 140, 0),
 }
+EVENT_COLOURS = {  # the top bar during an event of that kind
+    "kickoff": (255, 255, 255),
+    "pass": (0, 230, 230),
+    "tackle": (230, 0, 230),
+    "shot": (255, 150, 150),
+    "save": (150, 255, 150),
+    "miss": (150, 150, 255),
+    "goal": (255, 255, 150),
+    "foul": (120, 0, 0),
+}
+RECAP_COLOUR = (0, 0, 160)
 BALL_COLOUR = (255, 255, 255)
 PITCH_COLOUR = (40, 140, 40)
 LINE_COLOUR = (90, 180, 90)  # faint, so the white ball stands out
@@ -75,17 +89,19 @@ def frame_times(second: int, fps: int) -> list[float]:
 def pitch_to_pixel(xy: np.ndarray, config: RenderConfig) -> tuple[int, int]:
     """(row, col) of a pitch point; x outside [0, 1] lands in the goal-net margins."""
     col0, col1 = config.goal_depth, config.width - 1 - config.goal_depth
-    row0, row1 = config.bar_height + 1, config.height - 2
+    row0, row1 = config.bar_height + 1, config.height - config.bar_height - 2
     return (int(round(row0 + xy[1] * (row1 - row0))), int(round(col0 + xy[0] * (col1 - col0))))
 
 
-def render_second(record: SecondRecord, teams: tuple[str, str], config: RenderConfig) -> np.ndarray:
-    """The (fps, height, width, 3) uint8 frames showing second `record.second`."""
-    return np.stack([render_frame(record, teams, t, config) for t in frame_times(record.second, config.fps)])
+def render_second(record: SecondRecord, teams: tuple[str, str], config: RenderConfig,
+                  recap: bool = False) -> np.ndarray:
+    """The (fps, height, width, 3) uint8 frames showing second `record.second`; `recap` marks a
+    second whose commentary restates the score."""
+    return np.stack([render_frame(record, teams, t, config, recap) for t in frame_times(record.second, config.fps)])
 
 
-def render_frame(record: SecondRecord, teams: tuple[str, str], time: float,
-                 config: RenderConfig) -> np.ndarray:
+def render_frame(record: SecondRecord, teams: tuple[str, str], time: float, config: RenderConfig,
+                 recap: bool = False) -> np.ndarray:
     """The frame at `time` in (second, second + 1], interpolated between the world's sub-steps."""
     s = record.second
     if not s < time <= s + 1:
@@ -93,11 +109,12 @@ def render_frame(record: SecondRecord, teams: tuple[str, str], time: float,
     before, after = record.snapshots[:2] if time <= s + 0.5 else record.snapshots[1:]
     weight = (time - before.time) / (after.time - before.time)
     frame = np.empty((config.height, config.width, 3), np.uint8)
-    kinds = {event.kind: event.team for event in record.events}
-    _draw_bar(frame, s, TEAM_COLOURS[teams[kinds["foul"]]] if "foul" in kinds else BAR_COLOUR, config)
+    event = record.events[0] if record.events else None  # at most one per second
+    _draw_bar(frame, s, EVENT_COLOURS[event.kind] if event else RECAP_COLOUR if recap else BAR_COLOUR, config)
+    frame[config.height - config.bar_height:] = TEAM_COLOURS[teams[event.team]] if event else BAR_COLOUR
     _draw_pitch(frame, config)
-    if "goal" in kinds:
-        _draw_pitch_border(frame, TEAM_COLOURS[teams[kinds["goal"]]], config)
+    if event and event.kind == "goal":
+        _draw_pitch_border(frame, TEAM_COLOURS[teams[event.team]], config)
     _draw_players_and_ball(frame, before, after, weight, teams, config)
     return frame
 
@@ -119,8 +136,7 @@ def _draw_bar(frame: np.ndarray, second: int, colour: tuple[int, int, int], conf
 
 
 def _draw_pitch(frame: np.ndarray, config: RenderConfig) -> None:
-    pitch = frame[config.bar_height:]
-    pitch[:] = PITCH_COLOUR
+    frame[config.bar_height: config.height - config.bar_height] = PITCH_COLOUR
     top, left = pitch_to_pixel(np.array([0.0, 0.0]), config)
     bottom, right = pitch_to_pixel(np.array([1.0, 1.0]), config)
     centre_col = (left + right) // 2
@@ -135,7 +151,7 @@ def _draw_pitch(frame: np.ndarray, config: RenderConfig) -> None:
 
 def _draw_pitch_border(frame: np.ndarray, colour: tuple[int, int, int], config: RenderConfig) -> None:
     thickness = config.player_half
-    pitch = frame[config.bar_height:]
+    pitch = frame[config.bar_height: config.height - config.bar_height]
     pitch[:thickness] = colour
     pitch[-thickness:] = colour
     pitch[:, :thickness] = colour
@@ -145,8 +161,9 @@ def _draw_pitch_border(frame: np.ndarray, colour: tuple[int, int, int], config: 
 def _draw_square(frame: np.ndarray, centre: tuple[int, int], half: int, colour: tuple[int, int, int],
                  config: RenderConfig) -> None:
     row, col = centre
-    top = max(config.bar_height, row - half)  # never paint over the clock bar
-    frame[top: max(top, row + half + 1), max(0, col - half): col + half + 1] = colour
+    top = max(config.bar_height, row - half)  # never paint over the bars
+    bottom = min(config.height - config.bar_height, row + half + 1)
+    frame[top: max(top, bottom), max(0, col - half): col + half + 1] = colour
 
 
 def _draw_players_and_ball(frame: np.ndarray, before: Snapshot, after: Snapshot, weight: float,

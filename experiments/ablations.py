@@ -1,0 +1,266 @@
+"""The paper's ablations in miniature: the bundled demo model on long synthetic matches.
+
+    python -m experiments.ablations                    # every variant over 1 hour of a held-out match
+    python -m experiments.ablations --smoke            # 20 s of each variant, results to /tmp
+    python -m experiments.ablations --sft overlapped=DIR non_overlapped=DIR   # adds the SFT ablation
+
+Every variant streams the same held-out match (seed `demo.DEMO_SEED`, never trained on) second
+by second through `StreamingSession`, greedy, one stream, and is scored per second by the synth
+scorer. Variants differ from `ours` (the demo's cache: streaming scheme, contiguous positions,
+16 s of vision, text sink 64 + window 192 tokens) in one setting each:
+  full             nothing evicted, until its memory budget (`--full-budget-s` seconds of video)
+  sliding          a fresh context every 16 s (no overlap)
+  sliding_overlap  every second, the last 16 s re-encoded and re-prefilled (overlap)
+  native           native (ever-growing) positions instead of contiguous ones
+  vision_4s, vision_8s            shorter vision windows
+  no_sink          text sink 0 (window 256: the same text budget)
+  short_text       sink 16 + window 48: a text memory shorter than a minute of commentary
+  sft_<name>       `ours` on another model (`--sft name=DIR`): trained by experiments/train_demo.py
+                   with and without chunk overlap, the same steps and data
+Per 10-minute segment: accuracy (events and silences), accuracy of the numbers due (score and foul
+counts), accuracy of the numbers whose last change is older than the vision window (`memory`:
+only the commentary history can carry them), and latency (ms per generated token = round wall time /
+tokens generated, and ms per round). A variant stops at the end of the stream, when it runs out of
+its memory budget (full), or past `--budget-s` of wall time (recorded as `stopped`).
+Writes experiments/results/ablations.json, ablations.png and ablations.md (tables and the checks of
+what held and what did not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.common import RESULTS, write_result
+from svlm_jax import demo
+from svlm_jax.session import CacheFullError, StreamConfig, StreamingSession
+from svlm_jax.synth import (MatchConfig, RenderConfig, SecondTruth, memory_ages, score_commentary,
+                            stream_seconds, summarize_scores)
+
+OURS = demo.STREAM
+VARIANTS = {
+    "ours": OURS,
+    "full": dataclasses.replace(OURS, scheme="full"),
+    "sliding": dataclasses.replace(OURS, scheme="sliding"),
+    "sliding_overlap": dataclasses.replace(OURS, scheme="sliding_overlap"),
+    "native": dataclasses.replace(OURS, pos_mode="native"),
+    "vision_4s": dataclasses.replace(OURS, vision_window_s=4),
+    "vision_8s": dataclasses.replace(OURS, vision_window_s=8),
+    "no_sink": dataclasses.replace(OURS, text_sink=0, text_window=OURS.text_sink + OURS.text_window),
+    "short_text": dataclasses.replace(OURS, text_sink=16, text_window=48),
+}
+
+
+def stream_variant(model, tokenizer, config: StreamConfig, seed: int, seconds: int, budget_s: float) -> dict:
+    """Per-second texts, truths, generated token counts and wall times of one variant."""
+    session = StreamingSession(model, tokenizer, config, preprocess=tokenizer.vision_preprocess)
+    texts, truths, n_tokens, walls, stopped = [], [], [], [], None
+    started = time.perf_counter()
+    for item in itertools.islice(stream_seconds(MatchConfig(seed), RenderConfig()), seconds):
+        t0 = time.perf_counter()
+        try:
+            text = session.step(item.frames, float(item.second), float(item.second + 1))
+        except CacheFullError as e:
+            stopped = f"at {item.second} s: {e}"
+            break
+        walls.append(time.perf_counter() - t0)
+        texts.append(text)
+        truths.append(item.truth)
+        n_tokens.append(int(session.last_output.n_gen_b[0]))
+        if time.perf_counter() - started > budget_s and len(texts) < seconds:
+            stopped = f"at {len(texts)} s: wall-time budget of {budget_s:.0f} s spent"
+            break
+    return {"texts": texts, "truths": truths, "n_tokens": n_tokens, "walls": walls, "stopped": stopped}
+
+
+def summarize(run: dict, segment_s: int, memory_age_s: int) -> dict:
+    scores = score_commentary(run["texts"], run["truths"])
+    ages = memory_ages(run["truths"])
+
+    def latency(walls, tokens):
+        return {"ms_per_round": 1e3 * float(np.mean(walls)) if walls else None,
+                "ms_per_token": 1e3 * sum(walls) / max(1, sum(tokens))}
+
+    # Second 0 compiles: steady-state latency leaves it out.
+    walls, tokens = run["walls"][1:], run["n_tokens"][1:]
+    segments = []
+    for start in range(0, len(scores), segment_s):
+        part, timed = slice(start, start + segment_s), slice(max(0, start - 1), start + segment_s - 1)
+        segments.append({"start_s": start, "end_s": min(start + segment_s, len(scores)),
+                         **summarize_scores(scores[part], ages[part], memory_age_s),
+                         **latency(walls[timed], tokens[timed])})
+    return {
+        **summarize_scores(scores, ages, memory_age_s), "stopped": run["stopped"], **latency(walls, tokens),
+        "first_round_s": run["walls"][0] if run["walls"] else None,
+        "segments": segments,
+        "examples": [{"second": t.second, "truth": t.text, "predicted": p, "memory_age_s": a}
+                     for t, p, a in zip(run["truths"], run["texts"], ages) if a is not None and a > memory_age_s][:12],
+    }
+
+
+def memoryless_baseline(truths: list[SecondTruth], memory_age_s: int) -> float | None:
+    """Accuracy on the long-memory numbers of a commentator that remembers nothing: every score as
+    if no earlier goal happened (0-0 in a recap, 1-0 for a scorer) and every foul its fouler's first."""
+    def guessed(fact) -> bool:
+        if fact.kind == "recap":
+            return all(n == 0 for _, n in fact.counts)
+        if fact.kind == "goal":
+            return all(n == (team == fact.team) for team, n in fact.counts)
+        return fact.counts == ((fact.team, 1),)
+
+    hits = [all(guessed(f) for f in t.facts if f.counts)
+            for t, a in zip(truths, memory_ages(truths)) if a is not None and a > memory_age_s]
+    return sum(hits) / len(hits) if hits else None
+
+
+def checks(variants: dict) -> list[dict]:
+    """The paper's claims, each compared on this task: held or not, with the numbers."""
+    def get(name, key):
+        v = variants.get(name)
+        return None if v is None else v[key]
+
+    claims = []
+
+    def claim(text, held, *names, key="accuracy"):
+        if all(get(n, key) is not None for n in names):
+            claims.append({"claim": text, "held": bool(held(*[get(n, key) for n in names])), "key": key,
+                           "values": {n: get(n, key) for n in names}})
+
+    claim("our cache is more accurate than sliding windows without overlap", lambda o, s: o > s, "ours", "sliding")
+    claim("our cache is at least as accurate as sliding windows with overlap (within 2 points)",
+          lambda o, s: o >= s - 0.02, "ours", "sliding_overlap")
+    claim("our cache is at least 3x cheaper per token than sliding windows with overlap",
+          lambda o, s: 3 * o <= s, "ours", "sliding_overlap", key="ms_per_token")
+    claim("our cache is cheaper per token than full attention", lambda o, f: o < f, "ours", "full",
+          key="ms_per_token")
+    claim("full attention covers less of the stream than our cache (memory budget)",
+          lambda o, f: f < o, "ours", "full", key="seconds")
+    claim("contiguous positions are at least as accurate as native ones", lambda c, n: c >= n, "ours", "native")
+    claim("the attention sink helps the long-memory numbers", lambda o, n: o >= n, "ours", "no_sink",
+          key="memory_accuracy")
+    claim("a text memory longer than a minute of commentary helps the long-memory numbers",
+          lambda o, s: o > s, "ours", "short_text", key="memory_accuracy")
+    claim("a 16 s vision window is at least as accurate as 4 s", lambda o, v: o >= v, "ours", "vision_4s")
+    claim("overlapped-chunk SFT is at least as accurate as non-overlapped SFT", lambda o, n: o >= n,
+          "sft_overlapped", "sft_non_overlapped")
+    return claims
+
+
+def _fmt(x, pct=True):
+    if x is None:
+        return "-"
+    if pct:
+        return f"{100 * x:.1f}%"
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+def markdown(result: dict) -> str:
+    c = result["config"]
+    lines = [f"# Ablations on the synthetic match ({result['device']}, commit {result['commit'][:10]})", "",
+             f"Seed {c['seed']} (held out), up to {c['seconds']} s per variant, model `{c['model']}`; "
+             f"`memory` = numbers whose last change is more than {c['memory_age_s']} s old "
+             f"(a commentator remembering nothing, every score 0-0 before the goal and every foul the first, "
+             f"would get {_fmt(result['memoryless_baseline'])} of them). "
+             "Latency: round wall time / generated tokens, second 0 (compilation) left out.", "",
+             "| variant | seconds | accuracy | events | silence | numbers | memory (n) | ms/token | ms/round | stopped |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        lines.append(f"| {name} | {v['seconds']} | {_fmt(v['accuracy'])} | {_fmt(v['event_accuracy'])} | "
+                     f"{_fmt(v['silence_accuracy'])} | {_fmt(v['count_accuracy'])} | "
+                     f"{_fmt(v['memory_accuracy'])} ({v['memory_seconds']}) | {_fmt(v['ms_per_token'], False)} | "
+                     f"{_fmt(v['ms_per_round'], False)} | {v['stopped'] or ''} |")
+    lines += ["", "## Accuracy per segment", "",
+              "| variant | " + " | ".join(f"{s['start_s']}-{s['end_s']} s"
+                                         for s in max(result["variants"].values(),
+                                                      key=lambda v: len(v["segments"]))["segments"]) + " |"]
+    lines.append("|---" * (1 + max(len(v["segments"]) for v in result["variants"].values())) + "|")
+    for name, v in result["variants"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{_fmt(s['accuracy'])} / {_fmt(s['memory_accuracy'])}"
+                                                for s in v["segments"]) + " |")
+    lines += ["", "(accuracy / memory accuracy)", "", "## Checks", ""]
+    for ch in result["checks"]:
+        shown = ", ".join(f"{name} {_fmt(x, ch['key'].endswith('accuracy'))}" for name, x in ch["values"].items())
+        lines.append(f"- {'held' if ch['held'] else 'did NOT hold'}: {ch['claim']} ({ch['key']}: {shown})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, v in result["variants"].items():
+        mids = [(s["start_s"] + s["end_s"]) / 2 / 60 for s in v["segments"]]
+        for ax, key in zip(axes, ("accuracy", "memory_accuracy", "ms_per_token")):
+            ax.plot(mids, [np.nan if s[key] is None else s[key] for s in v["segments"]], marker=".", label=name)
+    for ax, title in zip(axes, ("accuracy per segment", "long-memory numbers per segment",
+                                "ms per generated token")):
+        ax.set(xlabel="stream minutes", title=title)
+        ax.grid(True, alpha=0.3)
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"demo model on seed {result['config']['seed']}, {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(demo.DEMO_MODEL_DIR))
+    ap.add_argument("--seed", type=int, default=demo.DEMO_SEED)
+    ap.add_argument("--minutes", type=float, default=60.0, help="stream length per variant")
+    ap.add_argument("--segment-minutes", type=float, default=10.0)
+    ap.add_argument("--budget-s", type=float, default=600.0, help="wall-time budget per variant")
+    ap.add_argument("--full-budget-s", type=int, default=600, help="full attention's memory budget, video seconds")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--sft", nargs="*", default=[], metavar="NAME=DIR",
+                    help="models for the SFT ablation, streamed with the `ours` cache")
+    ap.add_argument("--smoke", action="store_true", help="20 s of each variant, results to /tmp")
+    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    args = ap.parse_args(argv)
+    seconds = 20 if args.smoke else int(args.minutes * 60)
+    segment_s = 10 if args.smoke else int(args.segment_minutes * 60)
+    out_dir = Path(args.out or ("/tmp/ablations_smoke" if args.smoke else RESULTS))
+    memory_age_s = OURS.vision_window_s
+
+    models = {"": demo.load_model(Path(args.model))}
+    runs = [(name, "", dataclasses.replace(VARIANTS[name], full_max_s=args.full_budget_s)) for name in args.variants]
+    for spec in args.sft:
+        name, _, model_dir = spec.partition("=")
+        if not model_dir:
+            ap.error(f"--sft takes NAME=DIR, got {spec!r}")
+        models[name] = demo.load_model(Path(model_dir))
+        runs.append((f"sft_{name}", name, OURS))
+
+    variants, truths = {}, None
+    for name, model_key, config in runs:
+        model, tokenizer = models[model_key]
+        run = stream_variant(model, tokenizer, config, args.seed, seconds, args.budget_s)
+        if truths is None or len(run["truths"]) > len(truths):
+            truths = run["truths"]
+        variants[name] = {"config": dataclasses.asdict(config), **summarize(run, segment_s, memory_age_s)}
+        print(json.dumps({"variant": name, **{k: variants[name][k] for k in (
+            "seconds", "accuracy", "event_accuracy", "count_accuracy", "memory_accuracy", "ms_per_token",
+            "stopped")}}), flush=True)
+
+    result = {"config": {"model": args.model, "seed": args.seed, "seconds": seconds, "segment_s": segment_s,
+                         "budget_s": args.budget_s, "full_budget_s": args.full_budget_s,
+                         "memory_age_s": memory_age_s, "sft": args.sft},
+              "memoryless_baseline": memoryless_baseline(truths, memory_age_s),
+              "variants": variants, "checks": checks(variants)}
+    path = write_result("ablations", result, out_dir / "ablations.json")
+    result = json.loads(path.read_text())  # with device and commit
+    (out_dir / "ablations.md").write_text(markdown(result))
+    plot(result, out_dir / "ablations.png")
+    print(f"wrote {path}, ablations.md and ablations.png in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
