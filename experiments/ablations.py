@@ -191,7 +191,10 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as e:  # the JSON and markdown are already written
+        raise SystemExit(f"ablations.png needs matplotlib: pip install 'svlm-jax[bench]' ({e})") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
