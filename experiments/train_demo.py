@@ -54,10 +54,11 @@ FRAME_PIXELS = 112 * 112  # the synth renderer's frame: min = max pixels keeps i
 TOKENIZER_VOCAB = 512
 
 
-def make_data(work: Path, streams: int, minutes: int) -> Path:
+def make_data(work: Path, streams: int, minutes: int, start_minute_max: int) -> Path:
     out = work / "data"
     if not (out / "samples.jsonl").is_file():
-        write_dataset(out, DatasetConfig(streams=streams, minutes=minutes, first_seed=0))
+        write_dataset(out, DatasetConfig(streams=streams, minutes=minutes, first_seed=0,
+                                         start_minute_max=start_minute_max))
     return out / "samples.jsonl"
 
 
@@ -187,6 +188,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(demo.DEMO_MODEL_DIR), help="where the exported model goes")
     parser.add_argument("--streams", type=int, default=24, help="training streams (seeds 0 .. streams-1)")
     parser.add_argument("--minutes", type=int, default=10, help="minutes per training stream")
+    parser.add_argument("--start-minute-max", type=int, default=0,
+                        help="each stream joins its match at a random minute up to this (scores of long matches)")
     parser.add_argument("--chunk-seconds", type=int, default=16)
     parser.add_argument("--overlap-seconds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=800)
@@ -203,7 +206,7 @@ def main() -> None:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    samples = make_data(work, args.streams, args.minutes)
+    samples = make_data(work, args.streams, args.minutes, args.start_minute_max)
     tokenizer_dir = make_tokenizer(work, samples)
     init_dir = make_init(work, tokenizer_dir, args.seed)
     config = write_run_config(work, samples, tokenizer_dir, init_dir, args)

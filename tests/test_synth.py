@@ -19,6 +19,7 @@ from svlm_jax.synth import (
     render_second,
     score_commentary,
     stream_seconds,
+    stream_start,
     stream_window,
     summarize_scores,
     write_dataset,
@@ -168,6 +169,27 @@ def test_written_dataset_reads_back(tmp_path):
     assert frames[0].shape == (112, 112, 3)
     expected = stream_window(MatchConfig(seed=3), 0, 60).frames
     assert np.abs(np.stack(frames).astype(int) - expected).mean() < 1.0  # near-lossless encoding
+
+
+def test_stream_joining_late_carries_the_earlier_match_as_previous(tmp_path):
+    config = DatasetConfig(streams=3, minutes=1, first_seed=20, clip_seconds=30, start_minute_max=5)
+    starts = [stream_start(config, seed) for seed in (20, 21, 22)]
+    assert all(s % 60 == 0 and 0 <= s <= 300 for s in starts) and max(starts) > 0
+    samples = [json.loads(line) for line in write_dataset(tmp_path, config).read_text().splitlines()]
+    seed, first = max(zip(starts, (20, 21, 22)))[1], max(starts)
+    whole = stream_window(MatchConfig(seed=seed), 0, first + 60)
+    late = [s for s in samples if s["video"].endswith(f"{seed:05d}.mp4")]
+    assert [(s["video_start"], s["video_end"]) for s in late] == [(0.0, 30.0), (30.0, 60.0)]
+    for sample, clip_start in zip(late, (first, first + 30)):
+        assert sample["previous"] == " ".join(t.text for t in whole.truths[:clip_start] if t.words)
+        truths = whole.truths[clip_start:clip_start + 30]
+        assert [w for _, _, w in sample["text_stream"]] == [w for t in truths for _, _, w in t.words]
+        # on the video's timeline: each word inside its second, counted from the video's start
+        assert [int(end) for _, end, _ in sample["text_stream"]] == [
+            t.second - first for t in truths for _ in t.words]
+    with av.open(str(tmp_path / late[0]["video"])) as container:
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    assert np.abs(frames.astype(int) - whole.frames[first * 2:]).mean(axis=(1, 2, 3)).max() < 1.0
 
 
 def test_stream_window_previous_is_the_earlier_commentary():

@@ -17,6 +17,7 @@ from svlm_jax.synth.dataset import (
     StreamSecond,
     StreamWindow,
     stream_seconds,
+    stream_start,
     stream_window,
     write_dataset,
 )
@@ -27,5 +28,5 @@ __all__ = [
     "Commentator", "DatasetConfig", "Event", "Fact", "Match", "MatchConfig", "RenderConfig",
     "SecondRecord", "SecondScore", "SecondTruth", "StreamSecond", "StreamWindow", "Word",
     "memory_ages", "parse_facts", "render_frame", "render_second", "score_commentary", "stream_seconds",
-    "stream_window", "summarize_scores", "write_dataset",
+    "stream_start", "stream_window", "summarize_scores", "write_dataset",
 ]

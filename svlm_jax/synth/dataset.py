@@ -4,6 +4,8 @@ One mp4 per stream (seed): H.264 (libx264, yuv444p so the team colours keep full
 at `fps` frames per second. Frame i (pts i / fps) shows the match at time (i + 1) / fps: the
 frame-end convention, so second s is frames s * fps .. (s + 1) * fps - 1.
 
+A stream may join its match late (`start_minute_max`): its video then starts at that minute and
+the commentary before it travels as `previous`, so training sees the scores of long matches.
 Each stream is cut into consecutive clips of `clip_seconds`, one JSONL line each:
   video        path of the mp4, relative to the JSONL file's folder
   video_start  clip start, seconds on the video's timeline
@@ -53,6 +55,9 @@ class DatasetConfig:
     minutes: int = 10
     first_seed: int = 0  # stream k uses seed first_seed + k
     clip_seconds: int = 60
+    # Stream k starts at a minute of its match drawn uniformly from 0 .. start_minute_max (seeded by
+    # its seed); its video and clips cover `minutes` from there.
+    start_minute_max: int = 0
     render: RenderConfig = field(default_factory=RenderConfig)
 
 
@@ -102,10 +107,16 @@ def write_video(path: Path, frames: Iterable[np.ndarray], fps: int, height: int,
 def _frames_recording_truths(items: Iterable[StreamSecond],
                              truths: list[SecondTruth]) -> Iterator[np.ndarray]:
     """The frames of `items`, appending each second's truth to `truths` on the way (streaming:
-    a long video is never held in memory)."""
+    a long video is never held in memory); seconds without frames only add their truth."""
     for item in items:
         truths.append(item.truth)
-        yield from item.frames
+        if item.frames is not None:
+            yield from item.frames
+
+
+def stream_start(config: DatasetConfig, seed: int) -> int:
+    """The match second at which stream `seed` of a dataset starts."""
+    return 60 * int(np.random.default_rng([seed, 1]).integers(0, config.start_minute_max + 1))
 
 
 def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
@@ -117,9 +128,10 @@ def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
     with jsonl_path.open("w") as jsonl:
         for k in range(config.streams):
             seed = config.first_seed + k
+            first = stream_start(config, seed)
             video = Path("videos") / f"stream_{seed:05d}.mp4"
-            truths: list[SecondTruth] = []  # filled while the frames stream into the encoder
-            items = islice(stream_seconds(MatchConfig(seed), config.render), seconds)
+            truths: list[SecondTruth] = []  # from the match's second 0, filled while frames are encoded
+            items = islice(stream_seconds(MatchConfig(seed), config.render, render_from=first), first + seconds)
             frames = _frames_recording_truths(items, truths)
             write_video(out_dir / video, frames, config.render.fps, config.render.height, config.render.width)
             for start in range(0, seconds, config.clip_seconds):
@@ -128,9 +140,11 @@ def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
                     "video": str(video),
                     "video_start": float(start),
                     "video_end": float(end),
-                    "text_stream": [list(word) for truth in truths[start:end] for word in truth.words],
+                    # Word times move onto the video's timeline (match time - first).
+                    "text_stream": [[round(a - first, 3), round(b - first, 3), word]
+                                    for truth in truths[first + start:first + end] for a, b, word in truth.words],
                 }
-                previous = " ".join(truth.text for truth in truths[:start] if truth.words)
+                previous = " ".join(truth.text for truth in truths[:first + start] if truth.words)
                 if previous:
                     sample["previous"] = previous
                 jsonl.write(json.dumps(sample) + "\n")

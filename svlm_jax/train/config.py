@@ -44,6 +44,7 @@ import typing
 from pathlib import Path
 
 from svlm_jax.train.data import ChunkSpec
+from svlm_jax.train.step import OptimConfig
 
 
 class TrainConfigError(ValueError):
@@ -87,12 +88,13 @@ class TrainSection:
     steps: int
     batch_size: int = 1
     grad_accum: int = 1
-    lr: float = 1e-5
+    # Optimizer defaults are OptimConfig's (one definition); warmup is a ratio of `steps` here.
+    lr: float = OptimConfig.lr
     warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    clip_norm: float = 1.0
+    weight_decay: float = OptimConfig.weight_decay
+    adam_b1: float = OptimConfig.b1
+    adam_b2: float = OptimConfig.b2
+    clip_norm: float = OptimConfig.clip_norm
     log_every: int = 1
 
 
