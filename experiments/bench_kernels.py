@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import write_result
 from kernels_pallas import api, reference
-
 
 
 def rope_for(head_dim: int) -> reference.RotarySpec:
@@ -38,7 +36,6 @@ def rope_for(head_dim: int) -> reference.RotarySpec:
     return reference.RotarySpec(theta=1e6, mrope_section=(pairs // 4, 3 * pairs // 8, 3 * pairs // 8))
 
 REFERENCE_MAX_LOGITS = 2_000_000_000  # dense f32 logits of the reference check: ~3 x 8 GB at most
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,14 +235,6 @@ def bench_config(cfg: Config, dtype, peak: dict, reps: int, samples: int, rng) -
     return row
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=pathlib.Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check; kernels interpreted)")
@@ -254,27 +243,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", default="", help="regex on config names")
     args = parser.parse_args(argv)
     samples = args.samples or (2 if args.smoke else 30)
-    device = jax.devices()[0]
-    device_name = re.sub(r"[^A-Za-z0-9]+", "_", device.device_kind).strip("_").lower()
     dtype = jnp.bfloat16
     peak = ceilings(args.smoke, samples)
-    print(f"{device.device_kind}: matmul {peak['matmul_bf16_tflops']:.1f} TFLOP/s, copy {peak['copy_gbps']:.1f} GB/s",
-          flush=True)
+    print(f"{jax.devices()[0].device_kind}: matmul {peak['matmul_bf16_tflops']:.1f} TFLOP/s, "
+          f"copy {peak['copy_gbps']:.1f} GB/s", flush=True)
     rng = np.random.default_rng(0)
-    rows = []
+    report = {"dtype": jnp.dtype(dtype).name, "smoke": args.smoke, "samples": samples, "ceilings": peak,
+              "results": []}
     for cfg in smoke_configs() if args.smoke else full_configs():
         if re.search(args.only, cfg.name):
             reps = 1 if args.smoke else (50 if cfg.kind == "decode" else 5)
-            rows.append(bench_config(cfg, dtype, peak, reps, samples, rng))
-    report = {"device": device.device_kind, "platform": device.platform, "jax_version": jax.__version__,
-              "git_commit": git_commit(), "dtype": jnp.dtype(dtype).name, "smoke": args.smoke,
-              "samples": samples, "ceilings": peak, "pallas_fallbacks": api.fallbacks(), "results": rows}
-    out = args.out or RESULTS / f"bench_kernels_{device_name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+            report["results"].append(bench_config(cfg, dtype, peak, reps, samples, rng))
+            # Written after every config, so a run stopped early keeps what it measured.
+            out = write_result("bench_kernels", {**report, "pallas_fallbacks": api.fallbacks()}, args.out)
     print(f"wrote {out}")
     return report
-
 
 if __name__ == "__main__":
     sys.exit(main() and 0)

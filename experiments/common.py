@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -12,12 +13,17 @@ import jax
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def environment() -> dict:
+def git_commit() -> str:
+    """HEAD of this checkout; SVLM_COMMIT where the tree was copied without its .git (a lent GPU)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return os.environ.get("SVLM_COMMIT", "unknown")
+
+
+def environment() -> dict:
+    commit = git_commit()
     dev = jax.devices()[0]
     return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
             "python": platform.python_version(), "host": platform.machine(), "commit": commit}
