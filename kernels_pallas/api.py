@@ -4,7 +4,7 @@ None means "pallas" on a GPU and "xla" (the jnp reference) elsewhere. "pallas" o
 kernels in interpret mode (how the tests exercise them). Which Pallas kernel serves a call follows
 from its arguments:
   * at most DECODE_MAX_QUERIES queries -> `decode` (split over the cache, flash-decoding);
-  * keys cached before RoPE (`rope`) -> `prefill` (rotation as keys are loaded);
+  * keys cached before RoPE (`rope`) -> `prefill` (keys rotated first, in XLA);
   * order ids (causal) -> `flash_train` (the prefill forward, plus a Pallas backward: differentiable);
   * segment ids only -> `vision` (block-diagonal windows / frames).
 Only the `flash_train` route has a gradient. On a GPU, each kernel configuration is compiled once

@@ -1,12 +1,12 @@
 """Pieces shared by the Pallas attention kernels: padding and layouts (host side, jnp), live-block
-bounds, and the in-kernel online-softmax loop (key loading, in-kernel rotation, masking).
+bounds, and the in-kernel online-softmax loop (key loading, masking).
 
 Axes as in `reference`, plus R rows (query x head-in-group pairs, see `group_rows`), Hp padded
-head dim, F = Hp // 2 rotary frequencies, X any length being blocked.
+head dim, X any length being blocked.
 
 Kernels are written in the portable Pallas subset (BlockSpecs, `pl.ds` ref slices, jnp math) and
 lowered with Triton on GPU. Triton needs power-of-two tile shapes, at least 16 on each side of a
-dot, cannot concatenate or gather: hence the padding here and rotation done on the two halves.
+dot, and cannot gather: hence the padding here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from svlm_jax.model import rope as rope_lib
+from kernels_pallas import reference
 
 # Finite "minus infinity" for masked logits: exp(NEG_INF - m) underflows to 0 and
 # NEG_INF - NEG_INF stays 0, so rows that have seen no key yet never produce NaNs.
@@ -58,32 +58,14 @@ def pad_to(x, axis: int, multiple: int):
     return jnp.pad(x, widths)
 
 
-def padded_head_dim(h: int) -> int:
-    """Head dim of the kernels: each rotate-half padded to a power of two >= MIN_TILE."""
-    return 2 * max(MIN_TILE, pl.next_power_of_2(h // 2)) if h % 2 == 0 else max(MIN_TILE, pl.next_power_of_2(h))
-
-
 def pad_head(x_h):
-    """Zero-pads the head dim (last axis) to `padded_head_dim`, each rotate-half separately so the
-    halves stay aligned for rotation; zeros change no dot product."""
-    h = x_h.shape[-1]
-    hp = padded_head_dim(h)
-    if hp == h:
-        return x_h
-    if h % 2:
-        return pad_to(x_h, -1, hp)
-    x1, x2 = jnp.split(x_h, 2, axis=-1)
-    return jnp.concatenate([pad_to(x1, -1, hp // 2), pad_to(x2, -1, hp // 2)], axis=-1)
+    """Zero-pads the head dim (last axis) to a power of two >= MIN_TILE; zeros change no dot product."""
+    return pad_to(x_h, -1, max(MIN_TILE, pl.next_power_of_2(x_h.shape[-1])))
 
 
 def unpad_head(x_hp, h: int):
     """Inverse of `pad_head`."""
-    hp = x_hp.shape[-1]
-    if hp == h:
-        return x_hp
-    if h % 2:
-        return x_hp[..., :h]
-    return jnp.concatenate([x_hp[..., :h // 2], x_hp[..., hp // 2:hp // 2 + h // 2]], axis=-1)
+    return x_hp[..., :h]
 
 
 def group_rows(q_bqnh, m: int, row_multiple: int):
@@ -146,19 +128,6 @@ def block_bounds(live_bxy, axis: int):
     return jnp.where(any_live, lo, 0).astype(jnp.int32), jnp.where(any_live, hi, 0).astype(jnp.int32)
 
 
-def rotary_table(head_dim: int, rope) -> jax.Array:
-    """Frequencies per M-RoPE axis [3, F] (float32) for the padded head dim: row a holds
-    inv_freq[i] where frequency i turns with axis a (`rope.mrope_axis`), else 0, so that
-    sum_a pos[a] * table[a] equals `rope.mrope_angles` without a gather. Padding gets 0 (no turn)."""
-    inv_freq_f = rope_lib.inv_freq(head_dim, rope.theta)
-    axis_f = rope_lib.mrope_axis(rope.mrope_section)
-    if axis_f.shape[0] != head_dim // 2:
-        raise ValueError(f"mrope_section {rope.mrope_section} does not cover head_dim {head_dim} / 2")
-    table_3f = np.stack([np.where(axis_f == a, inv_freq_f, np.float32(0)) for a in range(3)])
-    half = padded_head_dim(head_dim) // 2
-    return jnp.asarray(np.pad(table_3f, ((0, 0), (0, half - head_dim // 2))), jnp.float32)
-
-
 def dot_nt(a_xh, b_yh):
     """a @ b.T in float32 [X, Y]."""
     return lax.dot_general(a_xh, b_yh, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -182,39 +151,9 @@ def visible(q_segment_r, kv_segment_k, q_order_r, kv_order_k):
     return mask_rk
 
 
-def load_query(q_ref, rotated: bool):
-    """The query tile as the parts `logits` multiplies: whole, or the two rotate-halves."""
-    if not rotated:
-        return (q_ref[...],)
-    half = q_ref.shape[-1] // 2
-    return q_ref[:, :half], q_ref[:, half:]
-
-
-def load_keys(k_ref, slots, k_positions_ref, table_ref):
-    """The key tile k_ref[slots] as parts matching `load_query`; rotated by the slots' positions
-    (k_positions_ref [3, K], table_ref [3, F]) when given.
-
-    The rotation is the rotate-half rule of `rope.apply_rotary` (x1 cos - x2 sin, x2 cos + x1 sin,
-    float32, back to the key dtype) kept as two halves, which Triton cannot concatenate.
-    """
-    if k_positions_ref is None:
-        return (k_ref[slots, :],)
-    half = k_ref.shape[-1] // 2
-    k1, k2 = k_ref[slots, :half], k_ref[slots, half:]
-    angles_kf = (k_positions_ref[0, slots].astype(jnp.float32)[:, None] * table_ref[0, :][None, :]
-                 + k_positions_ref[1, slots].astype(jnp.float32)[:, None] * table_ref[1, :][None, :]
-                 + k_positions_ref[2, slots].astype(jnp.float32)[:, None] * table_ref[2, :][None, :])
-    cos, sin = jnp.cos(angles_kf), jnp.sin(angles_kf)
-    k1f, k2f = k1.astype(jnp.float32), k2.astype(jnp.float32)
-    return (k1f * cos - k2f * sin).astype(k1.dtype), (k2f * cos + k1f * sin).astype(k2.dtype)
-
-
-def logits(q_parts, k_parts, scale: float):
-    """Scaled q.k in float32 [R, K], summed over the parts."""
-    out = dot_nt(q_parts[0], k_parts[0])
-    for q_part, k_part in zip(q_parts[1:], k_parts[1:]):
-        out += dot_nt(q_part, k_part)
-    return out * scale
+def logits(q_rh, k_kh, scale: float):
+    """Scaled q.k in float32 [R, K]."""
+    return dot_nt(q_rh, k_kh) * scale
 
 
 def softmax_init(rows: int, head_dim: int):
@@ -253,49 +192,40 @@ def merge_partials(m_sr, l_sr, acc_srh, axis: int = 0):
     return jnp.squeeze(m_r, axis), l_r, acc_rh
 
 
-def attend(state, q_parts, q_segment_r, q_order_r, refs, lo, hi, block_k: int, scale: float):
+def attend(state, q_rh, q_segment_r, q_order_r, refs, lo, hi, block_k: int, scale: float):
     """Runs the online softmax of the query tile over key blocks [lo, hi).
 
-    refs: (k_ref [K, Hp], v_ref [K, Hp], kv_segment_ref [K], kv_order_ref [K] or None,
-    k_positions_ref [3, K] or None, table_ref [3, F] or None).
+    refs: (k_ref [K, Hp], v_ref [K, Hp], kv_segment_ref [K], kv_order_ref [K] or None).
     """
-    k_ref, v_ref, kv_segment_ref, kv_order_ref, k_positions_ref, table_ref = refs
+    k_ref, v_ref, kv_segment_ref, kv_order_ref = refs
 
     def body(i, state):
         slots = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        k_parts = load_keys(k_ref, slots, k_positions_ref, table_ref)
         kv_order_k = None if kv_order_ref is None else kv_order_ref[slots]
         mask_rk = visible(q_segment_r, kv_segment_ref[slots], q_order_r, kv_order_k)
-        return softmax_update(state, logits(q_parts, k_parts, scale), mask_rk, v_ref[slots, :])
+        return softmax_update(state, logits(q_rh, k_ref[slots, :], scale), mask_rk, v_ref[slots, :])
 
     return lax.fori_loop(lo, hi, body, state)
 
 
-def prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, k_positions_bk3, block_k: int):
-    """Pads keys to a multiple of block_k slots (segment 0: invisible) and the head dim; positions
-    become [B, 3, K] so each axis loads as one vector. Returns the `refs` operands of `attend`
-    without the rotary table: (k, v, segment, order or None, positions or None)."""
+def prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, block_k: int):
+    """Pads keys to a multiple of block_k slots (segment 0: invisible) and the head dim. Returns the
+    `refs` operands of `attend`: (k, v, segment, order or None)."""
     k_bkmh = pad_head(pad_to(k_bkmh, 1, block_k))
     v_bkmh = pad_head(pad_to(v_bkmh, 1, block_k))
     kv_segment_bk = pad_to(kv_segment_bk.astype(jnp.int32), 1, block_k)
     kv_order_bk = None if kv_order_bk is None else pad_to(kv_order_bk.astype(jnp.int32), 1, block_k)
-    k_positions_b3k = (None if k_positions_bk3 is None
-                       else pad_to(k_positions_bk3.astype(jnp.int32), 1, block_k).transpose(0, 2, 1))
-    return k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, k_positions_b3k
+    return k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk
 
 
 def key_specs(keys, kv_head):
-    """BlockSpecs for `prepare_keys` outputs plus the rotary table: the whole key range of one
-    (batch, kv head) per program; `kv_head(*grid_idx)` says which kv head a program reads."""
-    k_bkmh, _, _, kv_order_bk, k_positions_b3k = keys
+    """BlockSpecs for `prepare_keys` outputs: the whole key range of one (batch, kv head) per
+    program; `kv_head(*grid_idx)` says which kv head a program reads."""
+    k_bkmh, _, _, kv_order_bk = keys
     _, kp, _, hp = k_bkmh.shape
     kv_spec = pl.BlockSpec((None, kp, None, hp), lambda b, *idx: (b, 0, kv_head(*idx), 0))
     ids_spec = pl.BlockSpec((None, kp), lambda b, *idx: (b, 0))
-    rotated = k_positions_b3k is not None
-    return (kv_spec, kv_spec, ids_spec,
-            None if kv_order_bk is None else ids_spec,
-            pl.BlockSpec((None, 3, kp), lambda b, *idx: (b, 0, 0)) if rotated else None,
-            pl.BlockSpec((3, hp // 2), lambda b, *idx: (0, 0)) if rotated else None)
+    return kv_spec, kv_spec, ids_spec, None if kv_order_bk is None else ids_spec
 
 
 def prepare_rows(q_bqnh, q_segment_bq, q_order_bq, m: int, block_r: int):
@@ -306,6 +236,14 @@ def prepare_rows(q_bqnh, q_segment_bq, q_order_bq, m: int, block_r: int):
     q_segment_br = row_ids(q_segment_bq.astype(jnp.int32), g, rows)
     q_order_br = None if q_order_bq is None else row_ids(q_order_bq.astype(jnp.int32), g, rows)
     return q_bmrh, q_segment_br, q_order_br
+
+
+def rotate_cached_keys(k_bkmh, k_positions_bk3, rope):
+    """Keys cached before RoPE, rotated by their slots' positions in XLA before a kernel reads them
+    (unchanged without `rope`). One fused elementwise pass over the keys: on an H100, rotating in
+    the kernels instead (cos / sin per loaded tile, again for every query block) made decode 10x
+    and prefill 15x slower than this (experiments/results/bench_kernels_nvidia_h100_80gb_hbm3.json)."""
+    return k_bkmh if rope is None else reference.rotate_keys(k_bkmh, k_positions_bk3, rope)
 
 
 def check_args(q_bqnh, k_bkmh, q_order_bq, kv_order_bk, k_positions_bk3, rope, scale):

@@ -4,7 +4,7 @@ The live key range of each stream (`common.live_blocks`: empty cache slots are s
 into S parts; grid (batch, kv head, split), each program runs the online softmax of all rows of its
 kv head (query x head-in-group, `common.group_rows`: K/V are read once for the G heads, never
 repeated) over its part and writes the partial state; `common.merge_partials` combines the splits.
-Keys cached before RoPE are rotated as they are loaded when positions are given.
+Keys cached before RoPE are rotated first when positions are given (`common.rotate_cached_keys`).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ TARGET_PROGRAMS = 264
 
 def _kernel(q_ref, q_segment_ref, q_order_ref, lo_ref, hi_ref, *refs_and_outs, splits, block_k, scale):
     """All rows [R, Hp] of one kv head against one split of the live key blocks."""
-    key_refs, (m_ref, l_ref, acc_ref) = refs_and_outs[:6], refs_and_outs[6:]
+    key_refs, (m_ref, l_ref, acc_ref) = refs_and_outs[:4], refs_and_outs[4:]
     lo, hi = lo_ref[()], hi_ref[()]
     per_split = lax.div(hi - lo + splits - 1, jnp.int32(splits))  # lax.div: Triton lowers it; ids are >= 0
     start = lo + pl.program_id(2) * per_split
     stop = jnp.minimum(hi, start + per_split)
     q_order_r = None if q_order_ref is None else q_order_ref[...]
     state = common.softmax_init(*q_ref.shape)
-    m_r, l_r, acc_rh = common.attend(state, common.load_query(q_ref, key_refs[4] is not None),
-                                     q_segment_ref[...], q_order_r, key_refs, start, stop, block_k, scale)
+    m_r, l_r, acc_rh = common.attend(state, q_ref[...], q_segment_ref[...], q_order_r, key_refs, start, stop,
+                                     block_k, scale)
     m_ref[...] = m_r
     l_ref[...] = l_r
     acc_ref[...] = acc_rh
@@ -51,7 +51,8 @@ def decode_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_orde
     rows = max(common.MIN_TILE, pl.next_power_of_2(q * (n // m)))
     block_k = common.tile(k_bkmh.shape[1], block_k)
     q_bmrh, q_segment_br, q_order_br = common.prepare_rows(q_bqnh, q_segment_bq, q_order_bq, m, rows)
-    keys = common.prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, k_positions_bk3, block_k)
+    k_bkmh = common.rotate_cached_keys(k_bkmh, k_positions_bk3, rope)
+    keys = common.prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, block_k)
     num_blocks = keys[0].shape[1] // block_k
     splits = splits or max(1, min(num_blocks, pl.cdiv(TARGET_PROGRAMS, b * m)))
     live_b1k = common.live_blocks(q_segment_br, keys[2], q_order_br, keys[3], rows, block_k)
@@ -74,7 +75,6 @@ def decode_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_orde
                    jax.ShapeDtypeStruct((b, m, splits, rows, hp), jnp.float32)],
         name="svlm_decode_attention",
         **common.call_options(common.use_interpret(interpret)),
-    )(q_bmrh, q_segment_br, q_order_br, lo_b, hi_b, *keys,
-      None if rope is None else common.rotary_table(h, rope))
+    )(q_bmrh, q_segment_br, q_order_br, lo_b, hi_b, *keys)
     out_bmrh, _ = common.softmax_finish(common.merge_partials(m_bmsr, l_bmsr, acc_bmsrh, axis=2))
     return common.ungroup_rows(common.unpad_head(out_bmrh.astype(q_bqnh.dtype), h), q, n)

@@ -88,7 +88,7 @@ def _flash_rows(config, q_bmrh, k_bkmh, v_bkmh, ids):
 def _flash_rows_fwd(config, q_bmrh, k_bkmh, v_bkmh, ids):
     q_segment_br, q_order_br, kv_segment_bk, kv_order_bk = ids
     out_bmrh, lse_bmr = rows_attention(
-        q_bmrh, q_segment_br, q_order_br, (k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, None), None,
+        q_bmrh, q_segment_br, q_order_br, (k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk),
         scale=config.scale, block_r=config.block_r, block_k=config.block_k, interpret=config.interpret,
         with_lse=True)
     return out_bmrh, (q_bmrh, k_bkmh, v_bkmh, ids, out_bmrh, lse_bmr)
@@ -155,8 +155,7 @@ def flash_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order
     block_r = common.tile(q * (n // m), block_r)
     block_k = common.tile(k_bkmh.shape[1], block_k)
     q_bmrh, q_segment_br, q_order_br = common.prepare_rows(q_bqnh, q_segment_bq, q_order_bq, m, block_r)
-    k_p, v_p, kv_segment_p, kv_order_p, _ = common.prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk,
-                                                                 None, block_k)
+    k_p, v_p, kv_segment_p, kv_order_p = common.prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, block_k)
     config = _Config(float(scale), block_r, block_k, common.use_interpret(interpret))
     out_bmrh = _flash_rows(config, q_bmrh, k_p, v_p, (q_segment_br, q_order_br, kv_segment_p, kv_order_p))
     return common.ungroup_rows(common.unpad_head(out_bmrh, h), q, n)

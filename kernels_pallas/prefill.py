@@ -2,8 +2,9 @@
 
 Queries are laid out as rows (query x head-in-group, `common.group_rows`) so every K/V tile that is
 loaded serves the G query heads of its kv head. Grid (batch, kv head, row block); each program runs
-the online softmax over its live key blocks only (`common.live_blocks`), rotating keys cached
-before RoPE as they are loaded when positions are given. Also the forward of `flash_train`.
+the online softmax over its live key blocks only (`common.live_blocks`). Keys cached before RoPE
+are rotated first when positions are given (`common.rotate_cached_keys`). Also the forward of
+`flash_train`.
 """
 
 from __future__ import annotations
@@ -20,21 +21,20 @@ from kernels_pallas import common
 def tile_kernel(q_ref, q_segment_ref, q_order_ref, lo_ref, hi_ref, *refs_and_outs, block_k, scale):
     """One query tile [Rb, Hp] against key blocks [lo, hi) of one kv head; writes out (and lse).
 
-    Refs after hi_ref: the six `common.attend` key refs, then o_ref [Rb, Hp] and optionally lse_ref [Rb].
+    Refs after hi_ref: the four `common.attend` key refs, then o_ref [Rb, Hp] and optionally lse_ref [Rb].
     """
-    key_refs, (o_ref, *lse_ref) = refs_and_outs[:6], refs_and_outs[6:]
-    rotated = key_refs[4] is not None
+    key_refs, (o_ref, *lse_ref) = refs_and_outs[:4], refs_and_outs[4:]
     q_order_r = None if q_order_ref is None else q_order_ref[...]
     state = common.softmax_init(*q_ref.shape)
-    state = common.attend(state, common.load_query(q_ref, rotated), q_segment_ref[...], q_order_r,
-                          key_refs, lo_ref[()], hi_ref[()], block_k, scale)
+    state = common.attend(state, q_ref[...], q_segment_ref[...], q_order_r, key_refs, lo_ref[()], hi_ref[()],
+                          block_k, scale)
     out_rh, lse_r = common.softmax_finish(state)
     o_ref[...] = out_rh.astype(o_ref.dtype)
     if lse_ref:
         lse_ref[0][...] = lse_r
 
 
-def rows_attention(q_bmrh, q_segment_br, q_order_br, keys, table_3f, *, scale: float, block_r: int,
+def rows_attention(q_bmrh, q_segment_br, q_order_br, keys, *, scale: float, block_r: int,
                    block_k: int, interpret: bool, with_lse: bool = False):
     """Rows [B, M, R, Hp] (R a multiple of block_r) against `common.prepare_keys` output.
 
@@ -60,7 +60,7 @@ def rows_attention(q_bmrh, q_segment_br, q_order_br, keys, table_3f, *, scale: f
         out_shape=out_shape,
         name="svlm_prefill_attention",
         **common.call_options(interpret),
-    )(q_bmrh, q_segment_br, q_order_br, lo_bi, hi_bi, *keys, table_3f)
+    )(q_bmrh, q_segment_br, q_order_br, lo_bi, hi_bi, *keys)
     return tuple(results) if with_lse else results[0]
 
 
@@ -73,8 +73,8 @@ def prefill_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_ord
     block_r = common.tile(q * (n // m), block_r)
     block_k = common.tile(k_bkmh.shape[1], block_k)
     q_bmrh, q_segment_br, q_order_br = common.prepare_rows(q_bqnh, q_segment_bq, q_order_bq, m, block_r)
-    keys = common.prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, k_positions_bk3, block_k)
-    table_3f = None if rope is None else common.rotary_table(h, rope)
-    out_bmrh = rows_attention(q_bmrh, q_segment_br, q_order_br, keys, table_3f, scale=scale, block_r=block_r,
+    k_bkmh = common.rotate_cached_keys(k_bkmh, k_positions_bk3, rope)
+    keys = common.prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, block_k)
+    out_bmrh = rows_attention(q_bmrh, q_segment_br, q_order_br, keys, scale=scale, block_r=block_r,
                               block_k=block_k, interpret=common.use_interpret(interpret))
     return common.ungroup_rows(common.unpad_head(out_bmrh, h), q, n)

@@ -27,7 +27,7 @@ def vision_attention(q_btnh, k_btmh, v_btmh, q_segment_bt, kv_segment_bt, *, sca
     block_k = common.tile(k_btmh.shape[1], block_k)
     q_btnh_p = common.pad_head(common.pad_to(q_btnh, 1, block_q))
     q_segment_bt = common.pad_to(q_segment_bt.astype(jax.numpy.int32), 1, block_q)
-    keys = common.prepare_keys(k_btmh, v_btmh, kv_segment_bt, None, None, block_k)
+    keys = common.prepare_keys(k_btmh, v_btmh, kv_segment_bt, None, block_k)
     lo_bi, hi_bi = common.block_bounds(
         common.live_blocks(q_segment_bt, keys[2], None, None, block_q, block_k), axis=2)
 
@@ -43,5 +43,5 @@ def vision_attention(q_btnh, k_btmh, v_btmh, q_segment_bt, kv_segment_bt, *, sca
         out_shape=jax.ShapeDtypeStruct(q_btnh_p.shape, q_btnh_p.dtype),
         name="svlm_vision_attention",
         **common.call_options(common.use_interpret(interpret)),
-    )(q_btnh_p, q_segment_bt, None, lo_bi, hi_bi, *keys, None)
+    )(q_btnh_p, q_segment_bt, None, lo_bi, hi_bi, *keys)
     return common.unpad_head(out_btnh[:, :t], h)
