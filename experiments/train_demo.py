@@ -203,7 +203,7 @@ def main() -> None:
     if demo.DEMO_SEED < args.streams:
         parser.error(f"the demo's seed {demo.DEMO_SEED} must stay out of the training seeds 0..{args.streams - 1}")
 
-    work, out = Path(args.work), Path(args.out)
+    work, out = Path(args.work).resolve(), Path(args.out).resolve()  # run.toml paths are read relative to itself
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     samples = make_data(work, args.streams, args.minutes, args.start_minute_max)
