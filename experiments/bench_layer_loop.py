@@ -1,6 +1,10 @@
 """How a decode step should walk the layers: weight-streaming time per token at 7B shapes.
 
-Decoding one token reads every weight once, so its floor is weight bytes / memory bandwidth. This
+Decoding one token reads every weight once, so its floor is weight bytes / memory bandwidth: about
+5.6 ms for Qwen2.5-VL-7B on an H100 (15 GB at 2.7 TB/s). The engine's decode measured 18.5 ms per
+token there (experiments/results/bench_stream_nvidia_h100_80gb_hbm3.json), about three weight
+reads: the suspect is the `lax.scan` over stacked layers, whose per-step dynamic slices XLA on GPU
+may materialise (a copy of each layer's weights per token) before cuBLAS reads them. This
 times 20 tokens (one `fori_loop`, as the engine's decode loop) through the 28 Qwen2.5-VL-7B text
 layers (`text.project_qkv` and `text.finish_layer`; attention replaced by the queries themselves,
 so only weights move), with the layers walked three ways:

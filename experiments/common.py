@@ -14,12 +14,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
-    """HEAD of this checkout; SVLM_COMMIT where the tree was copied without its .git (a lent GPU)."""
+    """SVLM_COMMIT when set (a tree copied to a lent GPU, whose .git may be stale), else git's HEAD."""
+    if os.environ.get("SVLM_COMMIT"):
+        return os.environ["SVLM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SVLM_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment() -> dict:

@@ -78,28 +78,24 @@ def slot_positions(spec: EngineSpec, state: CacheState):
 def _attend_layers(model: Model, state: CacheState, x_bqd, dest_bq, q_pos_bq3, q_segment_bq, q_order_bq,
                    kv_order_bs, k_pos_bs3):
     """Every decoder layer for new tokens: write their k/v (pre-rotary) at `dest`, attend to the
-    whole cache, return the final-norm hidden [B, Q, D] and the updated k/v caches.
-
-    A Python loop over layers, not a scan: a scan slices each step's layer out of the stacked
-    weights and caches and stacks the caches back, copies that cost more than the weights' own
-    read in a decode step (experiments/bench_layer_loop.py); here the new k/v are scattered into
-    the donated [L, B, S, K, H] caches in place.
-    """
+    whole cache, return the final-norm hidden [B, Q, D] and the updated k/v caches."""
     cfg = model.config.text
     angles_bqh = text.text_angles(cfg, q_pos_bq3)
     kv_segment_bs = state.valid_bs.astype(jnp.int32)
     rotary = _rotary_spec(model)
-    batch_bq = jnp.broadcast_to(jnp.arange(dest_bq.shape[0])[:, None], dest_bq.shape)
-    k_lbskh, v_lbskh = state.k_lbskh, state.v_lbskh
-    for i in range(cfg.num_layers):
-        layer = jax.tree.map(lambda w: w[i], model.params.text.layers)
-        q, k, v = text.project_qkv(cfg, layer, x_bqd)
-        k_lbskh = k_lbskh.at[i, batch_bq, dest_bq].set(k.astype(k_lbskh.dtype), mode="drop")
-        v_lbskh = v_lbskh.at[i, batch_bq, dest_bq].set(v.astype(v_lbskh.dtype), mode="drop")
+    write = jax.vmap(lambda cache_skh, d, new_qkh: cache_skh.at[d].set(new_qkh.astype(cache_skh.dtype), mode="drop"))
+
+    def layer_fn(x, layer_and_cache):
+        layer, k_bskh, v_bskh = layer_and_cache
+        q, k, v = text.project_qkv(cfg, layer, x)
+        k_bskh, v_bskh = write(k_bskh, dest_bq, k), write(v_bskh, dest_bq, v)
         q = rope.apply_rotary(q, angles_bqh)
-        o = attention_api.attention(q, k_lbskh[i], v_lbskh[i], q_segment_bq, kv_segment_bs, q_order_bq, kv_order_bs,
+        o = attention_api.attention(q, k_bskh, v_bskh, q_segment_bq, kv_segment_bs, q_order_bq, kv_order_bs,
                                     k_positions_bk3=k_pos_bs3, rope=rotary)
-        x_bqd = text.finish_layer(cfg, layer, x_bqd, o)
+        return text.finish_layer(cfg, layer, x, o), (k_bskh, v_bskh)
+
+    x_bqd, (k_lbskh, v_lbskh) = jax.lax.scan(layer_fn, x_bqd, (model.params.text.layers, state.k_lbskh,
+                                                                state.v_lbskh))
     hidden = vision.rms_norm(x_bqd, model.params.text.final_norm_d, cfg.rms_norm_eps)
     return hidden, state.replace(k_lbskh=k_lbskh, v_lbskh=v_lbskh)
 
