@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import RESULTS, write_result
+from experiments.common import RESULTS, git_commit, write_result
 from svlm_jax import demo
 from svlm_jax.session import CacheFullError, StreamConfig, StreamingSession
 from svlm_jax.synth import (MatchConfig, RenderConfig, SecondTruth, memory_ages, score_commentary,
@@ -216,6 +216,21 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def previous_variants(path: Path, seed: int, seconds: int) -> dict:
+    """The variants of an earlier run on the same match and length, each with the commit it ran at."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if (old["config"]["seed"], old["config"]["seconds"]) != (seed, seconds):
+        raise SystemExit(f"--merge: {path} is seed {old['config']['seed']} over {old['config']['seconds']} s, "
+                         f"this run is seed {seed} over {seconds} s")
+    return {name: {"commit": old.get("commit"), **v} for name, v in old["variants"].items()}
+
+
+def previous_sft(path: Path) -> list[str]:
+    return json.loads(path.read_text())["config"].get("sft", []) if path.exists() else []
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(demo.DEMO_MODEL_DIR))
@@ -229,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="models for the SFT ablation, streamed with the `ours` cache")
     ap.add_argument("--smoke", action="store_true", help="20 s of each variant, results to /tmp")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the variants of the existing ablations.json that this run does not redo")
     args = ap.parse_args(argv)
     seconds = 20 if args.smoke else int(args.minutes * 60)
     segment_s = 10 if args.smoke else int(args.segment_minutes * 60)
@@ -244,20 +261,23 @@ def main(argv: list[str] | None = None) -> None:
         models[name] = demo.load_model(Path(model_dir))
         runs.append((f"sft_{name}", name, OURS))
 
-    variants, truths = {}, None
+    variants = previous_variants(out_dir / "ablations.json", args.seed, seconds) if args.merge else {}
+    truths = None
     for name, model_key, config in runs:
         model, tokenizer = models[model_key]
         run = stream_variant(model, tokenizer, config, args.seed, seconds, args.budget_s)
         if truths is None or len(run["truths"]) > len(truths):
             truths = run["truths"]
-        variants[name] = {"config": dataclasses.asdict(config), **summarize(run, segment_s, memory_age_s)}
+        variants[name] = {"config": dataclasses.asdict(config), "commit": git_commit(),
+                          **summarize(run, segment_s, memory_age_s)}
         print(json.dumps({"variant": name, **{k: variants[name][k] for k in (
             "seconds", "accuracy", "event_accuracy", "count_accuracy", "memory_accuracy", "ms_per_token",
             "stopped")}}), flush=True)
 
     result = {"config": {"model": args.model, "seed": args.seed, "seconds": seconds, "segment_s": segment_s,
                          "budget_s": args.budget_s, "full_budget_s": args.full_budget_s,
-                         "memory_age_s": memory_age_s, "sft": args.sft},
+                         "memory_age_s": memory_age_s,
+                         "sft": sorted({*args.sft, *(previous_sft(out_dir / "ablations.json") if args.merge else [])})},
               "memoryless_baseline": memoryless_baseline(truths, memory_age_s),
               "variants": variants, "checks": checks(variants)}
     path = write_result("ablations", result, out_dir / "ablations.json")

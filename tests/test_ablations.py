@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from experiments import ablations
 from svlm_jax.synth import Fact, SecondTruth, memory_ages, score_commentary, summarize_scores
 
@@ -49,3 +51,13 @@ def test_smoke_run_writes_results_tables_and_plot(tmp_path):
     table = (tmp_path / "ablations.md").read_text()
     assert "| ours | 20 |" in table and "| sliding | 20 |" in table
     assert (tmp_path / "ablations.png").stat().st_size > 0
+
+    # --merge keeps what was measured and adds the new variant; a different match length refuses.
+    ablations.main(["--smoke", "--variants", "native", "--out", str(tmp_path), "--merge"])
+    merged = json.loads((tmp_path / "ablations.json").read_text())
+    assert set(merged["variants"]) == {"ours", "sliding", "native"}
+    assert merged["variants"]["ours"]["accuracy"] == result["variants"]["ours"]["accuracy"]
+    assert merged["variants"]["ours"]["commit"] == result["commit"]
+    assert {"ours", "native"} in [set(c["values"]) for c in merged["checks"]]
+    with pytest.raises(SystemExit, match="seed"):
+        ablations.main(["--variants", "native", "--minutes", "1", "--out", str(tmp_path), "--merge"])
