@@ -53,7 +53,7 @@ def _cache_case(rng, b, q, k, n, m, h, dtype, with_rope):
 @functools.partial(jax.jit, static_argnames="rope")
 def _reference_rotate_then_attend(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk,
                                   k_positions_bk3=None, rope=None):
-    """Rotates keys with the model's rope functions, then attends (the reference of in-kernel rotation)."""
+    """Rotates keys with the model's rope functions, then attends (the reference of keys cached before RoPE)."""
     if rope is not None:
         angles_bkf = rope_lib.mrope_angles(k_positions_bk3, rope_lib.inv_freq(k_bkmh.shape[-1], rope.theta),
                                            rope.mrope_section)
