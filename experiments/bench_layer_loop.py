@@ -69,10 +69,10 @@ def step_fn(cfg, walk: str):
 
 def time_walk(cfg, walk: str, layers, samples: int) -> float:
     """Median ms per token."""
+    x = jnp.ones((1, 1, cfg.hidden_size), layers.q_w_ldnh.dtype)
     if walk == "loop_split":
         layers = [jax.tree.map(lambda w: w[i], layers) for i in range(cfg.num_layers)]
     fn = step_fn(cfg, walk)
-    x = jnp.ones((1, 1, cfg.hidden_size), layers.q_w_ldnh.dtype if walk != "loop_split" else layers[0].q_w_ldnh.dtype)
     jax.block_until_ready(fn(x, layers))
     times = []
     for _ in range(samples):
