@@ -20,7 +20,7 @@ from svlm_jax.sampling import SamplingConfig
 from svlm_jax.session import StreamConfig, StreamingSession
 from svlm_jax.synth import (MatchConfig, RenderConfig, StreamSecond, memory_ages, score_commentary, stream_seconds,
                             summarize_scores)
-from svlm_jax.synth.dataset import write_video
+from svlm_jax.synth.dataset import opening_frame, write_video
 from svlm_jax.tokenizer import Tokenizer
 from svlm_jax.weights import load_pretrained
 
@@ -74,7 +74,8 @@ def run(seed: int, seconds: int, out_dir: Path, model_dir: Path = DEMO_MODEL_DIR
             yield from item.frames
 
     with VttWriter(subtitles) as vtt:
-        write_video(video, frames(), render.fps, render.height, render.width)
+        write_video(video, itertools.chain([opening_frame(MatchConfig(seed), 0, render)], frames()), render.fps,
+                    render.height, render.width)
     summary = summarize_scores(score_commentary(texts, truths), memory_ages(truths), STREAM.vision_window_s)
     # The first second includes compilation; the steady state is what live video needs.
     steady = step_times[1:] or step_times
@@ -85,7 +86,7 @@ def run(seed: int, seconds: int, out_dir: Path, model_dir: Path = DEMO_MODEL_DIR
         return "-" if summary[key] is None else f"{summary[key]:.1%}"
 
     print(f"accuracy {rate('accuracy')} over {len(texts)} s (events {rate('event_accuracy')}, silence "
-          f"{rate('silence_accuracy')}, scores and counts {rate('count_accuracy')} of {summary['count_seconds']} s, "
+          f"{rate('silence_accuracy')}, scores {rate('score_accuracy')} of {summary['score_seconds']} s, "
           f"those older than the {STREAM.vision_window_s} s vision window {rate('memory_accuracy')} of "
           f"{summary['memory_seconds']} s)")
     print(f"real-time factor {summary['real_time_factor']:.3f}: seconds of work (rendering, model, encoding) per "

@@ -62,7 +62,7 @@ def rng():
     return np.random.default_rng()
 
 
-STREAM_CORPUS = ["Red passes. Blue shoots! Goal for Red! Red 1 Blue 0. Foul by Blue, number 2. Still Red 1 Blue 0.",
+STREAM_CORPUS = ["Red passes. Blue shoots! Goal for Red! Score 1 to 0. Foul by Blue. Score 1 to 0.",
                  "Time=12.0-13.0s user assistant system previous text You are a helpful assistant.",
                  "Commentate on this match ... Saved by Blue. Wide from Red. Yellow wins the ball."]
 

@@ -14,29 +14,28 @@ def _truth(second: int, *facts: Fact) -> SecondTruth:
     return SecondTruth(second, facts, ())
 
 
-def test_memory_ages_count_from_the_last_change_of_each_number():
+def test_memory_ages_count_from_the_last_goal():
     """Lives in svlm_jax.synth; tested here beside the baseline built on it."""
     truths = [
         _truth(0, Fact("kickoff", "Red")),
-        _truth(5, Fact("foul", "Blue", (("Blue", 1),))),             # Blue's count: unchanged since the start
-        _truth(30, Fact("goal", "Blue", (("Blue", 1), ("Red", 0)))),  # the score before it: since the start
-        _truth(40, Fact("foul", "Blue", (("Blue", 2),))),             # Blue's previous foul at 5
-        _truth(60, Fact("recap", "", (("Blue", 1), ("Red", 0)))),     # the goal at 30
+        _truth(10, Fact("recap", "", (0, 0))),          # 0-0 since the start
+        _truth(30, Fact("goal", "Blue", (0, 1))),       # the score before it: since the start
+        _truth(40, Fact("foul", "Blue")),               # states no score
+        _truth(50, Fact("pass", "Red"), Fact("recap", "", (0, 1))),  # the goal at 30
         _truth(61),
-        _truth(70, Fact("foul", "Red", (("Red", 1),))),
-        _truth(75, Fact("goal", "Red", (("Blue", 1), ("Red", 1)))),   # previous goal at 30
-        _truth(80, Fact("recap", "", (("Blue", 1), ("Red", 1)))),     # the goal at 75
+        _truth(75, Fact("goal", "Red", (1, 1))),        # previous goal at 30
+        _truth(80, Fact("recap", "", (1, 1))),          # the goal at 75
     ]
     ages = memory_ages(truths)
-    assert ages == [None, 5, 30, 35, 30, None, 70, 45, 5]
-    said = ["Red kick off.", "Foul by Blue, number 1.", "Goal for Blue! Blue 1 Red 0.", "Foul by Blue, number 3.",
-            "Still Blue 1 Red 0.", "", "Foul by Red, number 1.", "Goal for Red! Blue 1 Red 1.", "Still Red 1 Blue 1."]
+    assert ages == [None, 10, 30, None, 20, None, 45, 5]
+    said = ["Red kick off.", "Score 0 to 0.", "Goal for Blue! Score 0 to 1.", "Foul by Blue.",
+            "Red passes. Score 1 to 0.", "", "Goal for Red! Score 1 to 1.", "score 1 to 1"]
     summary = summarize_scores(score_commentary(said, truths), ages, long_s=16)
-    assert summary["memory_seconds"] == 5 and summary["memory_accuracy"] == 4 / 5  # only the foul at 40 wrong
-    assert summary["count_seconds"] == 7 and summary["count_accuracy"] == 6 / 7
-    # Numbers older than 16 s: seconds 30, 40, 60, 70, 75; remembering nothing gets 30 (1-0 from
-    # 0-0) and 70 (Red's first foul) right.
-    assert ablations.memoryless_baseline(truths, 16) == 2 / 5
+    assert summary["memory_seconds"] == 3 and summary["memory_accuracy"] == 2 / 3  # home and away swapped at 50
+    assert summary["score_seconds"] == 5 and summary["score_accuracy"] == 4 / 5
+    assert summary["event_accuracy"] == 1.0
+    # Scores older than 16 s: seconds 30, 50, 75; remembering nothing gets only 30 (the first goal) right.
+    assert ablations.memoryless_baseline(truths, 16) == 1 / 3
 
 
 def test_smoke_run_writes_results_tables_and_plot(tmp_path):

@@ -21,7 +21,7 @@ def test_replayed_stream_equals_training_chunk(stream_model, stream_tokenizer, s
             end = s + 0.2 + 0.3 * j
             words.append((end - 0.1, end, str(rng.choice(WORDS))))
     sample = Sample(video=None, video_start=0.0, video_end=float(n_seconds), words=tuple(words),
-                    previous="Still Red 1 Blue 0.")
+                    previous="Goal for Red! Score 1 to 0.")
     side = 56
     vision_cfg = VisionPreprocessConfig(min_pixels=side * side, max_pixels=side * side)
     frames = [rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8) for _ in range(n_seconds)]

@@ -1,9 +1,13 @@
 """Ground-truth commentary for the synthetic match, its per-second facts, and a scorer.
 
-Each event gets one short fixed sentence. Goals state the running score and fouls the fouler's
-running foul count; in the first silent second of each minute (from minute 1, within its first
-RECAP_WINDOW_SECONDS) a recap restates the score. Those numbers are never drawn on the frames, so a
-model can only get them right by remembering its earlier commentary.
+Each event gets one short fixed sentence. Goals state the new score, and every RECAP_PERIOD_SECONDS
+(the seconds s > 0 with s % RECAP_PERIOD_SECONDS == 0, unless a goal already states it) the
+commentary restates the score after that second's event, if any. A score is home goals first:
+"Score 2 to 1." The score is never drawn on the frames (the frames only mark the seconds that
+restate it), so a model can only get it right by remembering its earlier commentary: a recap
+copies the previous score statement, at most RECAP_PERIOD_SECONDS back, and a goal adds one to
+it. Foul counts are not stated: a team's previous foul is often minutes back, beyond any bounded
+text window.
 
 Words are timed inside their second: second s's words end in (s + 0.1, s + 0.95], in order, so a
 word always belongs to the second its end time falls in. Words carry their punctuation and no
@@ -26,13 +30,12 @@ SENTENCES = {
     "shot": "{team} shoots!",
     "save": "Saved by {team}.",
     "miss": "Wide from {team}.",
-    "goal": "Goal for {team}! {home} {home_goals} {away} {away_goals}.",
-    "foul": "Foul by {team}, number {fouls}.",
-    "recap": "Still {home} {home_goals} {away} {away_goals}.",
+    "goal": "Goal for {team}! Score {home_goals} to {away_goals}.",
+    "foul": "Foul by {team}.",
+    "recap": "Score {home_goals} to {away_goals}.",
 }
-RECAP_WINDOW_SECONDS = 10
-_TEAM_SLOTS = ("{team}", "{home}", "{away}")
-_NUMBER_SLOTS = ("{home_goals}", "{away_goals}", "{fouls}")
+RECAP_PERIOD_SECONDS = 10  # below the demo's 16 text rounds: the previous score is always in the window
+_NUMBER_SLOTS = ("{home_goals}", "{away_goals}")
 
 
 def _normalize(text: str) -> list[str]:
@@ -51,8 +54,7 @@ class Fact:
 
     kind: str  # an event kind of world.EVENT_KINDS, or "recap"
     team: str  # acting team's name; "" for a recap
-    # (team, number) pairs sorted by team: goals for 'goal' and 'recap', the fouler's fouls for 'foul'.
-    counts: tuple[tuple[str, int], ...] = ()
+    score: tuple[int, int] | None = None  # (home, away) goals stated by a 'goal' or 'recap'; else None
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,9 @@ class SecondTruth:
         return " ".join(word for _, _, word in self.words)
 
 
-def fact_sentence(fact: Fact, teams: tuple[str, str]) -> str:
-    counts = dict(fact.counts)
-    if fact.kind == "foul":
-        return SENTENCES["foul"].format(team=fact.team, fouls=counts[fact.team])
-    home, away = teams
-    return SENTENCES[fact.kind].format(team=fact.team, home=home, away=away,
-                                       home_goals=counts.get(home), away_goals=counts.get(away))
+def fact_sentence(fact: Fact) -> str:
+    home_goals, away_goals = fact.score or (None, None)
+    return SENTENCES[fact.kind].format(team=fact.team, home_goals=home_goals, away_goals=away_goals)
 
 
 def timed_words(second: int, text: str) -> tuple[Word, ...]:
@@ -88,29 +86,17 @@ class Commentator:
     def __init__(self, teams: tuple[str, str]):
         self.teams = teams
         self._score = (0, 0)
-        self._last_recap_minute = 0
 
     def comment(self, record: SecondRecord) -> SecondTruth:
         s = record.second
         facts = []
         for event in record.events:
             self._score = event.score
-            team = self.teams[event.team]
-            if event.kind == "goal":
-                facts.append(Fact("goal", team, self._score_counts()))
-            elif event.kind == "foul":
-                facts.append(Fact("foul", team, ((team, event.fouls[event.team]),)))
-            else:
-                facts.append(Fact(event.kind, team))
-        minute = s // 60
-        if not facts and minute > self._last_recap_minute and s % 60 < RECAP_WINDOW_SECONDS:
-            self._last_recap_minute = minute
-            facts.append(Fact("recap", "", self._score_counts()))
-        text = " ".join(fact_sentence(fact, self.teams) for fact in facts)
+            facts.append(Fact(event.kind, self.teams[event.team], self._score if event.kind == "goal" else None))
+        if s > 0 and s % RECAP_PERIOD_SECONDS == 0 and not any(fact.score for fact in facts):
+            facts.append(Fact("recap", "", self._score))
+        text = " ".join(fact_sentence(fact) for fact in facts)
         return SecondTruth(s, tuple(facts), timed_words(s, text) if text else ())
-
-    def _score_counts(self) -> tuple[tuple[str, int], ...]:
-        return tuple(sorted(zip(self.teams, self._score)))
 
 
 def _pattern(sentence: str) -> list[str]:
@@ -131,7 +117,7 @@ def _match(pattern: list[str], tokens: list[str]) -> dict[str, str | int] | None
         return None
     slots: dict[str, str | int] = {}
     for want, got in zip(pattern, tokens):
-        if want in _TEAM_SLOTS and got in _TEAMS_BY_TOKEN:
+        if want == "{team}" and got in _TEAMS_BY_TOKEN:
             slots[want] = _TEAMS_BY_TOKEN[got]
         elif want in _NUMBER_SLOTS and got.isdigit():
             slots[want] = int(got)
@@ -158,12 +144,8 @@ def parse_facts(text: str) -> tuple[Fact, ...]:
 
 
 def _fact(kind: str, slots: dict[str, str | int]) -> Fact:
-    if kind in ("goal", "recap"):
-        goals = {slots["{home}"]: slots["{home_goals}"], slots["{away}"]: slots["{away_goals}"]}
-        return Fact(kind, str(slots.get("{team}", "")), tuple(sorted(goals.items())))
-    if kind == "foul":
-        return Fact(kind, str(slots["{team}"]), ((str(slots["{team}"]), int(slots["{fouls}"])),))
-    return Fact(kind, str(slots["{team}"]))
+    score = (int(slots["{home_goals}"]), int(slots["{away_goals}"])) if "{home_goals}" in slots else None
+    return Fact(kind, str(slots.get("{team}", "")), score)
 
 
 @dataclass(frozen=True)
@@ -171,18 +153,18 @@ class SecondScore:
     second: int
     silent: bool  # the truth says nothing this second
     events_correct: bool  # the same (kind, team) statements as the truth; silence when silent
-    counts_correct: bool | None  # every number the truth states, stated right; None if none is due
+    score_correct: bool | None  # every score the truth states, stated right; None if none is due
 
     @property
     def correct(self) -> bool:
-        return self.events_correct and self.counts_correct is not False
+        return self.events_correct and self.score_correct is not False
 
 
 def score_commentary(predicted: Sequence[str], truth: Sequence[SecondTruth]) -> list[SecondScore]:
     """Per-second correctness of predicted texts (one per second, aligned with `truth`).
 
-    Tolerant of case, punctuation, spacing, `...` markers, words outside the templates and the
-    order of teams in a score; not of a wrong or missing event, team or number.
+    Tolerant of case, punctuation, spacing, `...` markers and words outside the templates; not of
+    a wrong or missing event, team or score.
     """
     if len(predicted) != len(truth):
         raise ValueError(f"{len(predicted)} predicted seconds for {len(truth)} true ones")
@@ -191,41 +173,30 @@ def score_commentary(predicted: Sequence[str], truth: Sequence[SecondTruth]) -> 
         said = parse_facts(text)
         events_correct = (Counter((f.kind, f.team) for f in said)
                           == Counter((f.kind, f.team) for f in true.facts))
-        with_counts = [f for f in true.facts if f.counts]
-        counts_correct = all(f in said for f in with_counts) if with_counts else None
-        scores.append(SecondScore(true.second, not true.facts, events_correct, counts_correct))
+        with_score = [f for f in true.facts if f.score is not None]
+        score_correct = all(f in said for f in with_score) if with_score else None
+        scores.append(SecondScore(true.second, not true.facts, events_correct, score_correct))
     return scores
 
 
 def memory_ages(truths: Sequence[SecondTruth]) -> list[int | None]:
-    """For each second stating numbers: seconds since the oldest of them last changed (the previous
-    goal for a score, the fouler's previous foul for a foul count); None where nothing is stated.
-    `truths` run from the stream's start, which is where every number starts (0-0 as old as the match)."""
-    last_goal, last_foul, ages = 0, {}, []
+    """For each second stating the score (a goal or a recap): seconds since the score it builds on
+    last changed (the previous goal; the stream's start if none); None where no score is stated.
+    `truths` run from the stream's start, where the score starts (0-0 as old as the match)."""
+    last_goal, ages = 0, []
     for truth in truths:
-        age = None
-        for fact in truth.facts:
-            if fact.kind in ("goal", "recap"):
-                since = truth.second - last_goal
-            elif fact.kind == "foul":
-                since = truth.second - last_foul.get(fact.team, 0)
-            else:
-                continue
-            age = since if age is None else max(age, since)
-        for fact in truth.facts:
-            if fact.kind == "goal":
-                last_goal = truth.second
-            elif fact.kind == "foul":
-                last_foul[fact.team] = truth.second
-        ages.append(age)
+        kinds = {fact.kind for fact in truth.facts}
+        ages.append(truth.second - last_goal if kinds & {"goal", "recap"} else None)
+        if "goal" in kinds:
+            last_goal = truth.second
     return ages
 
 
 def summarize_scores(scores: Sequence[SecondScore], ages: Sequence[int | None] | None = None,
                      long_s: int = 16) -> dict[str, float]:
     """Accuracy over all seconds, then separately over eventful and silent seconds and over the
-    numbers due (score and foul counts). With `ages` (memory_ages of the same seconds) also over
-    the numbers last changed more than `long_s` seconds before (those only memory can carry).
+    scores due (goals and recaps). With `ages` (memory_ages of the same seconds) also over the
+    scores last changed more than `long_s` seconds before (those only memory can carry).
     A rate with nothing to rate is None."""
     def rate(values):
         return sum(values) / len(values) if values else None
@@ -235,12 +206,12 @@ def summarize_scores(scores: Sequence[SecondScore], ages: Sequence[int | None] |
         "accuracy": rate([s.correct for s in scores]),
         "event_accuracy": rate([s.events_correct for s in scores if not s.silent]),
         "silence_accuracy": rate([s.events_correct for s in scores if s.silent]),
-        "count_seconds": sum(s.counts_correct is not None for s in scores),
-        "count_accuracy": rate([s.counts_correct for s in scores if s.counts_correct is not None]),
+        "score_seconds": sum(s.score_correct is not None for s in scores),
+        "score_accuracy": rate([s.score_correct for s in scores if s.score_correct is not None]),
     }
     if ages is not None:
         if len(ages) != len(scores):
             raise ValueError(f"{len(ages)} ages for {len(scores)} scored seconds")
-        due = [s.counts_correct for s, age in zip(scores, ages) if age is not None and age > long_s]
+        due = [s.score_correct for s, age in zip(scores, ages) if age is not None and age > long_s]
         summary.update(memory_seconds=len(due), memory_accuracy=rate(due))
     return summary

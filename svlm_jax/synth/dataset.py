@@ -1,8 +1,10 @@
 """Synthetic match streams as training samples (METHOD.md §4 JSONL + mp4) or in memory.
 
 One mp4 per stream (seed): H.264 (libx264, yuv444p so the team colours keep full resolution)
-at `fps` frames per second. Frame i (pts i / fps) shows the match at time (i + 1) / fps: the
-frame-end convention, so second s is frames s * fps .. (s + 1) * fps - 1.
+at `fps` frames per second. Frame i (pts i / fps) shows the match at time i / fps from the
+stream's start: an opening frame (the first instant) and then every second's frames, so the
+frames VideoReader samples for second s (those on screen at s + j / fps, j = 1..fps, METHOD.md
+§2) are exactly the frames `render_second` gives for s, which streaming inference sees.
 
 A stream may join its match late (`start_minute_max`): its video then starts at that minute and
 the commentary before it travels as `previous`, so training sees the scores of long matches.
@@ -17,7 +19,7 @@ Each stream is cut into consecutive clips of `clip_seconds`, one JSONL line each
 
 import json
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import chain, islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import av
 import numpy as np
 
 from svlm_jax.synth.commentary import Commentator, SecondTruth
-from svlm_jax.synth.render import RenderConfig, render_second
+from svlm_jax.synth.render import RenderConfig, render_frame, render_second
 from svlm_jax.synth.world import Match, MatchConfig
 
 VIDEO_CODEC = "libx264"
@@ -91,6 +93,14 @@ def stream_window(match_config: MatchConfig, start: int, end: int,
                         " ".join(text for text in previous if text))
 
 
+def opening_frame(match_config: MatchConfig, second: int, render_config: RenderConfig = RenderConfig()) -> np.ndarray:
+    """The (height, width, 3) frame showing the instant `second` starts: a video's frame 0."""
+    match = Match(match_config)
+    for record in match:
+        if record.second == second:
+            return render_frame(record, match.teams, float(second), render_config)
+
+
 def write_video(path: Path, frames: Iterable[np.ndarray], fps: int, height: int, width: int) -> None:
     """Encode (height, width, 3) uint8 RGB frames into an mp4 at `fps`."""
     with av.open(str(path), "w") as container:
@@ -132,7 +142,8 @@ def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
             video = Path("videos") / f"stream_{seed:05d}.mp4"
             truths: list[SecondTruth] = []  # from the match's second 0, filled while frames are encoded
             items = islice(stream_seconds(MatchConfig(seed), config.render, render_from=first), first + seconds)
-            frames = _frames_recording_truths(items, truths)
+            frames = chain([opening_frame(MatchConfig(seed), first, config.render)],
+                           _frames_recording_truths(items, truths))
             write_video(out_dir / video, frames, config.render.fps, config.render.height, config.render.width)
             for start in range(0, seconds, config.clip_seconds):
                 end = min(start + config.clip_seconds, seconds)

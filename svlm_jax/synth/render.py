@@ -5,10 +5,11 @@ bottom; goals as light-grey nets behind each goal line, players as squares in th
 the ball as a white square. A player holding the ball is drawn last, so the ball sits inside a
 ring of the possessor's colour. Like a broadcast's captions, every event shows on each frame of its
 second: the top bar in the event kind's colour (EVENT_COLOURS) and the bottom strip in the acting
-team's colour; a goal also draws a border round the pitch in the scorer's colour. A recap second
-(the commentary restates the score) paints the top bar RECAP_COLOUR. Both bars are grey
-otherwise. Large flat areas, so a 1M-parameter vision tower trained for minutes reads them; the
-score and foul counts are never drawn: only the commentary tells them.
+team's colour; a goal also draws a border in the scorer's colour round the half of the pitch
+the ball went in (the right half for a home goal). Both bars are grey otherwise. In a second whose
+commentary restates the score, the clock's box is RECAP_COLOUR instead of dark. Large flat areas,
+so a 1M-parameter vision tower trained for minutes reads them; the score is never drawn: only the
+commentary tells it.
 
 Frame times follow the frame-end convention: at `fps` frames per second, second s is shown by the
 frames at times s + (k + 1) / fps, k = 0 .. fps - 1 (s + 0.5 and s + 1.0 at 2 fps), which are the
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from svlm_jax.synth.world import GOAL_MOUTH, SecondRecord, Snapshot, clock_text
+from svlm_jax.synth.world import GOAL_MOUTH, HOME, SecondRecord, Snapshot, clock_text
 
 TEAM_COLOURS = {
     "Red": (220, 30, 30),
@@ -39,7 +40,7 @@ EVENT_COLOURS = {  # the top bar during an event of that kind
     "goal": (255, 255, 150),
     "foul": (120, 0, 0),
 }
-RECAP_COLOUR = (0, 0, 160)
+RECAP_COLOUR = (255, 0, 0)  # the clock's box in a second that restates the score
 BALL_COLOUR = (255, 255, 255)
 PITCH_COLOUR = (40, 140, 40)
 LINE_COLOUR = (90, 180, 90)  # faint, so the white ball stands out
@@ -102,24 +103,27 @@ def render_second(record: SecondRecord, teams: tuple[str, str], config: RenderCo
 
 def render_frame(record: SecondRecord, teams: tuple[str, str], time: float, config: RenderConfig,
                  recap: bool = False) -> np.ndarray:
-    """The frame at `time` in (second, second + 1], interpolated between the world's sub-steps."""
+    """The frame at `time` in [second, second + 1], interpolated between the world's sub-steps (at
+    `second` itself: the state at that instant, which only a video's opening frame shows)."""
     s = record.second
-    if not s < time <= s + 1:
+    if not s <= time <= s + 1:
         raise ValueError(f"time {time} is outside second {s}")
     before, after = record.snapshots[:2] if time <= s + 0.5 else record.snapshots[1:]
     weight = (time - before.time) / (after.time - before.time)
     frame = np.empty((config.height, config.width, 3), np.uint8)
     event = record.events[0] if record.events else None  # at most one per second
-    _draw_bar(frame, s, EVENT_COLOURS[event.kind] if event else RECAP_COLOUR if recap else BAR_COLOUR, config)
+    _draw_bar(frame, s, EVENT_COLOURS[event.kind] if event else BAR_COLOUR, RECAP_COLOUR if recap else CLOCK_BOX_COLOUR,
+              config)
     frame[config.height - config.bar_height:] = TEAM_COLOURS[teams[event.team]] if event else BAR_COLOUR
     _draw_pitch(frame, config)
     if event and event.kind == "goal":
-        _draw_pitch_border(frame, TEAM_COLOURS[teams[event.team]], config)
+        _draw_pitch_border(frame, TEAM_COLOURS[teams[event.team]], event.team == HOME, config)
     _draw_players_and_ball(frame, before, after, weight, teams, config)
     return frame
 
 
-def _draw_bar(frame: np.ndarray, second: int, colour: tuple[int, int, int], config: RenderConfig) -> None:
+def _draw_bar(frame: np.ndarray, second: int, colour: tuple[int, int, int], box_colour: tuple[int, int, int],
+              config: RenderConfig) -> None:
     bar = frame[: config.bar_height]
     bar[:] = colour
     text = clock_text(second)
@@ -127,7 +131,7 @@ def _draw_bar(frame: np.ndarray, second: int, colour: tuple[int, int, int], conf
     glyph_width = 4 * scale  # 3 columns plus one of spacing
     left = (config.width - len(text) * glyph_width) // 2
     top = (config.bar_height - 5 * scale) // 2
-    bar[max(0, top - 1): top + 5 * scale + 1, left - 2: left + len(text) * glyph_width + 1] = CLOCK_BOX_COLOUR
+    bar[max(0, top - 1): top + 5 * scale + 1, left - 2: left + len(text) * glyph_width + 1] = box_colour
     for i, char in enumerate(text):
         bits = np.array([[c == "1" for c in row] for row in _GLYPHS[char]])
         pixels = np.kron(bits, np.ones((scale, scale), bool))
@@ -149,13 +153,13 @@ def _draw_pitch(frame: np.ndarray, config: RenderConfig) -> None:
     frame[post_top: post_bottom + 1, right + 1:] = NET_COLOUR
 
 
-def _draw_pitch_border(frame: np.ndarray, colour: tuple[int, int, int], config: RenderConfig) -> None:
+def _draw_pitch_border(frame: np.ndarray, colour: tuple[int, int, int], right_half: bool, config: RenderConfig) -> None:
     thickness = config.player_half
     pitch = frame[config.bar_height: config.height - config.bar_height]
-    pitch[:thickness] = colour
-    pitch[-thickness:] = colour
-    pitch[:, :thickness] = colour
-    pitch[:, -thickness:] = colour
+    half = pitch[:, config.width // 2:] if right_half else pitch[:, : config.width // 2]
+    half[:thickness] = colour
+    half[-thickness:] = colour
+    half[:, slice(-thickness, None) if right_half else slice(thickness)] = colour  # the goal line's side
 
 
 def _draw_square(frame: np.ndarray, centre: tuple[int, int], half: int, colour: tuple[int, int, int],

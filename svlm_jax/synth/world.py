@@ -10,7 +10,7 @@ and each event of second s is stamped at one of its sub-steps. At most one event
 second, so "what happened in this second" is unambiguous for both the commentary and the frames.
 
 The clock never stops and the match never ends: `clock_text` shows the elapsed time modulo
-90 minutes (the display wraps to 00:00 at each 90:00; score and foul counts keep running).
+90 minutes (the display wraps to 00:00 at each 90:00; the score keeps running).
 """
 
 from collections.abc import Iterator
@@ -44,8 +44,10 @@ class MatchConfig:
     shot_weight: float = 0.35  # only within shooting range
     shooting_range: float = 0.68  # attacking progress u from which shots are possible
     keeper_hold_probability: float = 0.3  # a keeper in possession waits (silent) instead of passing
-    goal_probability: float = 0.25  # shot outcomes: goal, save, or wide otherwise
-    save_probability: float = 0.45
+    # Shot outcomes: goal, save, or wide otherwise. Lively, so a few minutes of play hold several
+    # goals and the score the commentary has to remember keeps changing.
+    goal_probability: float = 0.5
+    save_probability: float = 0.3
     celebration_seconds: int = 2  # silent seconds between a goal and the kick-off
 
 
@@ -63,7 +65,6 @@ class Event:
     kind: str  # one of EVENT_KINDS
     team: int  # the acting team: passer, tackler, shooter, saving keeper, scorer, fouler, kicker
     score: tuple[int, int]  # goals (home, away) after this event
-    fouls: tuple[int, int]  # fouls committed (home, away) after this event
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,6 @@ class Match:
         self._ball = np.array([0.5, 0.5])
         self._possessor: tuple[int, int] | None = None
         self._score = [0, 0]
-        self._fouls = [0, 0]
         self._second = 0
         self._phase = "kickoff"
         self._phase_team = int(self._rng.integers(2))  # who kicks off / restarts / shot
@@ -132,7 +132,7 @@ class Match:
         self._snapshots.append(self._snapshot(s + 0.5 * k))
 
     def _event(self, time: float, kind: str, team: int) -> None:
-        self._events.append(Event(time, kind, team, tuple(self._score), tuple(self._fouls)))
+        self._events.append(Event(time, kind, team, tuple(self._score)))
 
     def _kickoff_formation(self) -> np.ndarray:
         players = np.empty((2, PLAYERS_PER_TEAM, 2))
@@ -256,7 +256,6 @@ class Match:
         offender = self._nearest_opponent(team)
         towards_own_goal = -0.03 if fouler == HOME else 0.03
         self._players[fouler, offender] = self._ball + [towards_own_goal, 0.0]
-        self._fouls[fouler] += 1
         self._drift(still=((fouler, offender),))
         self._substep(s, 1)
         self._event(s + 0.5, "foul", fouler)
