@@ -461,8 +461,8 @@ DEMO_DESCRIPTION = """\
 Watch the bundled tiny StreamingVLM commentate a synthetic football match it has never seen,
 one second at a time, on the CPU: each second's commentary is printed beside the ground truth
 with a running accuracy, and the match is saved as an mp4 with the commentary as WebVTT
-subtitles beside it. Scores and foul counts are never drawn on the pitch: the model can only
-state them by remembering its own earlier commentary.
+subtitles beside it. The score is never drawn on the pitch: the model can only state it (every
+10 s, home first) by remembering its own earlier commentary.
 
 example:
   svlm demo
