@@ -9,9 +9,13 @@ itself resumes from its latest checkpoint):
                 preprocessor_config.json that keeps the 112x112 frames as they are (8x8 patches,
                 16 vision tokens per second) for training and streaming alike
   3. init       random weights of the demo architecture (DEMO_ARCHITECTURE) as an HF directory
-  4. train      overlapped-chunk SFT (`svlm_jax.train.run.main_train`) on a generated TOML config
-  5. export     float32 HF checkpoint into svlm_jax/assets/demo_model/
-  6. evaluate   stream the held-out seed `demo.DEMO_SEED` through StreamingSession as the demo does
+  4. pretrain   the LM alone on commentary text of other matches (next-token prediction): the
+                miniature of starting from a pretrained LLM. Repeating the last stated score is
+                copying from context, which a pretrained LLM can already do; a model that starts
+                random does not learn it from the few score statements of the video SFT on 2 cores
+  5. train      overlapped-chunk SFT (`svlm_jax.train.run.main_train`) on a generated TOML config
+  6. export     float32 HF checkpoint into svlm_jax/assets/demo_model/
+  7. evaluate   stream the held-out seed `demo.DEMO_SEED` through StreamingSession as the demo does
                 and score it with the synth scorer; record the demo's first seconds for the tests
 """
 
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import json
 import shutil
 import time
@@ -26,16 +32,20 @@ from collections import Counter
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 import svlm_jax
 from experiments.common import RESULTS, write_result
 from svlm_jax import demo, prompt
 from svlm_jax.config import ModelConfig, TextConfig, VisionConfig
+from svlm_jax.model import text, vlm
 from svlm_jax.model.params import Model
-from svlm_jax.synth import DatasetConfig, memory_ages, score_commentary, summarize_scores, write_dataset
+from svlm_jax.synth import (DatasetConfig, MatchConfig, memory_ages, score_commentary, stream_seconds,
+                            summarize_scores, write_dataset)
 from svlm_jax.tokenizer import Tokenizer, train_tokenizer
-from svlm_jax.train import data
+from svlm_jax.train import data, step
 from svlm_jax.train.run import main_export, main_train, model_for_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,13 +62,18 @@ DEMO_ARCHITECTURE = ModelConfig(
 
 FRAME_PIXELS = 112 * 112  # the synth renderer's frame: min = max pixels keeps it unresized
 TOKENIZER_VOCAB = 512
+# Text pretraining matches: disjoint from the video streams (0 .. streams-1) and the demo's seed.
+TEXT_SEEDS = range(100_000, 100_064)
+TEXT_HELD_OUT_SEEDS = range(200_000, 200_004)
+# Late-joined video streams for the teacher-forced check (not trained on, not the demo's seed).
+TEACHER_FORCED_SEEDS = range(300_000, 300_003)
 
 
-def make_data(work: Path, streams: int, minutes: int, start_minute_max: int) -> Path:
+def make_data(work: Path, streams: int, minutes: int, start_minute_max: int, kickoff_fraction: float) -> Path:
     out = work / "data"
     if not (out / "samples.jsonl").is_file():
         write_dataset(out, DatasetConfig(streams=streams, minutes=minutes, first_seed=0,
-                                         start_minute_max=start_minute_max))
+                                         start_minute_max=start_minute_max, kickoff_fraction=kickoff_fraction))
     return out / "samples.jsonl"
 
 
@@ -87,6 +102,94 @@ def make_init(work: Path, tokenizer_dir: Path, seed: int) -> Path:
         cfg = model_for_tokenizer(base, tok)
         svlm_jax.save_pretrained(Model(cfg, svlm_jax.init_params(cfg, jax.random.key(seed))), out)
     return out
+
+
+def commentary_tokens(tok: Tokenizer, seed: int, minutes: int) -> np.ndarray:
+    """A match's commentary from the kickoff as one token stream [T], in the previous-text format
+    (words joined by spaces, as the prompt holds earlier commentary). Simulation only, no frames."""
+    seconds = itertools.islice(stream_seconds(MatchConfig(seed), render_from=minutes * 60), minutes * 60)
+    words = [w for item in seconds for _, _, w in item.truth.words]
+    return np.asarray(prompt.commentary_ids(tok.encode, words), np.int32)
+
+
+def score_digit_mask(tok: Tokenizer, ids_bt: np.ndarray) -> np.ndarray:
+    """True where a token is a digit of a stated score ("... Score 12 to 3."): the tokens that only
+    memory of earlier text can predict."""
+    digits = np.isin(ids_bt, [tok.encode(str(d))[-1] for d in range(10)])
+    score_word = np.isin(ids_bt, [tok.encode(" Score")[-1], tok.encode("Score")[-1]])
+    full_stop = np.isin(ids_bt, tok.encode("."))
+    # inside a statement: a "Score" token seen since the last full stop
+    mask = np.zeros(ids_bt.shape, bool)
+    inside = np.zeros(ids_bt.shape[0], bool)
+    for t in range(ids_bt.shape[1]):
+        inside = (inside | score_word[:, t]) & ~full_stop[:, t]
+        mask[:, t] = inside & digits[:, t]
+    return mask
+
+
+def text_loss(cfg, text_params, ids_bt):
+    """Mean next-token cross-entropy of a text-only batch [B, T] (positions 0.. on all three
+    M-RoPE axes, as Qwen2.5-VL gives text) and the logits [B, T-1, V]."""
+    b, t = ids_bt.shape[0], ids_bt.shape[1] - 1
+    order_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden = text.decode_hidden(cfg, text_params, text_params.embed_vd[ids_bt[:, :-1]],
+                                jnp.broadcast_to(order_bt[..., None], (b, t, 3)), jnp.ones((b, t), jnp.int32), order_bt)
+    logits_btv = text.logits(text_params, hidden)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_btv, ids_bt[:, 1:]).mean(), logits_btv
+
+
+def make_pretrained(work: Path, tokenizer_dir: Path, init_dir: Path, args) -> tuple[Path, dict]:
+    """Stage 4: next-token training of the LM on commentary text; returns its HF directory and a
+    report (loss curve, held-out loss and score-digit accuracy)."""
+    out, report_path = work / "pretrain", work / "pretrain" / "report.json"
+    if report_path.is_file():
+        return out, json.loads(report_path.read_text())
+    if args.text_steps == 0:
+        return init_dir, {}
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    model = svlm_jax.load_pretrained(init_dir, "float32")
+    corpus = [commentary_tokens(tok, seed, args.text_minutes) for seed in TEXT_SEEDS]
+    length = args.text_length + 1
+    held_out = np.stack([c[i:i + length] for c in (commentary_tokens(tok, s, args.text_minutes)
+                                                   for s in TEXT_HELD_OUT_SEEDS)
+                         for i in range(0, len(c) - length, length)])
+    optim = step.OptimConfig(lr=args.lr, warmup_steps=args.text_steps // 20, total_steps=args.text_steps)
+    tx = step.optimizer(optim)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(text_params, opt_state, ids_bt):
+        (loss, _), grads = jax.value_and_grad(functools.partial(text_loss, model.config.text), has_aux=True)(
+            text_params, ids_bt)
+        updates, opt_state = tx.update(grads, opt_state, text_params)
+        return optax.apply_updates(text_params, updates), opt_state, loss
+
+    @jax.jit
+    def predict(text_params, ids_bt):
+        loss, logits_btv = text_loss(model.config.text, text_params, ids_bt)
+        return loss, jnp.argmax(logits_btv, axis=-1)
+
+    text_params = model.params.text
+    opt_state = tx.init(text_params)
+    rng = np.random.default_rng(args.seed)
+    curve, started = [], time.perf_counter()
+    for i in range(args.text_steps):
+        picks = rng.integers(0, len(corpus), args.text_batch)
+        ids_bt = np.stack([corpus[k][o:o + length] for k in picks
+                           for o in [rng.integers(0, len(corpus[k]) - length)]])
+        text_params, opt_state, loss = update(text_params, opt_state, ids_bt)
+        if (i + 1) % 50 == 0:
+            curve.append({"step": i + 1, "loss": float(loss), "time_s": time.perf_counter() - started})
+            print(f"text pretraining step {i + 1:5d}  loss {float(loss):.4f}", flush=True)
+    loss, predicted = predict(text_params, held_out)
+    mask = score_digit_mask(tok, held_out[:, 1:])
+    report = {"steps": args.text_steps, "batch": args.text_batch, "length": args.text_length,
+              "matches": len(TEXT_SEEDS), "minutes_per_match": args.text_minutes,
+              "corpus_tokens": int(sum(len(c) for c in corpus)), "wall_s": time.perf_counter() - started,
+              "loss_curve": curve, "held_out_loss": float(loss), "held_out_score_digits": int(mask.sum()),
+              "held_out_score_digit_accuracy": float((np.asarray(predicted) == held_out[:, 1:])[mask].mean())}
+    svlm_jax.save_pretrained(Model(model.config, model.params.replace(text=text_params)), out)
+    report_path.write_text(json.dumps(report, indent=2))
+    return out, report
 
 
 def bucket_for(samples: Path, tokenizer_dir: Path, spec: data.ChunkSpec) -> tuple[int, int]:
@@ -176,6 +279,39 @@ def evaluate(model_dir: Path, seconds: int) -> dict:
             "facts_by_kind": dict(sorted(by_kind.items())), "score_examples": examples}
 
 
+def teacher_forced_scores(model_dir: Path, work: Path) -> dict:
+    """Score-digit accuracy with the true commentary in context (teacher forcing) on held-out streams
+    joined late in their matches: whether the model repeats the last stated score, apart from
+    whether its own earlier statements were right (streaming feeds back its own)."""
+    held_out = work / "teacher_forced"
+    if not (held_out / "samples.jsonl").is_file():
+        write_dataset(held_out, DatasetConfig(streams=len(TEACHER_FORCED_SEEDS), minutes=2,
+                                              first_seed=TEACHER_FORCED_SEEDS[0], start_minute_max=30))
+    model, tok = demo.load_model(model_dir)
+    fmt = data.ChatFormat.from_tokenizer(tok, model_dir)
+    # chunks as long as the rounds streaming keeps in full, and its previous-text policy
+    spec = data.ChunkSpec(chunk_seconds=demo.STREAM.text_rounds, overlap_seconds=0,
+                          text_sink=demo.STREAM.text_sink, text_window=demo.STREAM.text_window)
+    right = total = 0
+    for sample in data.read_samples(held_out / "samples.jsonl"):
+        n = len(data.sample_rounds(sample, spec))
+        for start in range(0, n, spec.chunk_seconds):
+            end = min(start + spec.chunk_seconds, n)
+            chunk = data.chunk_from_frames(fmt, model.config, spec, tok.vision_preprocess, sample, start,
+                                           data.read_frames(sample, start, end, spec.fps))
+            layout = jax.tree.map(lambda x: x[0, 0], data.vision_layouts(model.config.vision, chunk.grids_s3[None, None]))
+            x_btd = vlm.embed(model, jnp.asarray(chunk.ids_t)[None], jnp.asarray(chunk.rows_pv), layout)
+            order_bt = jnp.arange(len(chunk.ids_t), dtype=jnp.int32)[None]
+            hidden = text.decode_hidden(model.config.text, model.params.text, x_btd, jnp.asarray(chunk.positions_t3)[None],
+                                        jnp.ones_like(order_bt), order_bt)
+            predicted = np.asarray(jnp.argmax(text.logits(model.params.text, hidden), axis=-1))[0, :-1]
+            targets = chunk.ids_t[1:]
+            mask = score_digit_mask(tok, targets[None])[0] & (chunk.labels_t[1:] != data.IGNORE)
+            right += int((predicted == targets)[mask].sum())
+            total += int(mask.sum())
+    return {"seeds": list(TEACHER_FORCED_SEEDS), "score_digits": total, "score_digit_accuracy": right / max(total, 1)}
+
+
 def record_outputs(model_dir: Path, seconds: int) -> None:
     model, tok = demo.load_model(model_dir)
     texts = [text for _, text in demo.commentate(model, tok, demo.DEMO_SEED, seconds)]
@@ -191,6 +327,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=int, default=10, help="minutes per training stream")
     parser.add_argument("--start-minute-max", type=int, default=30,
                         help="each stream joins its match at a random minute up to this (scores of long matches)")
+    parser.add_argument("--kickoff-fraction", type=float, default=0.25,
+                        help="share of the streams watched from the kickoff, as the demo's is")
+    parser.add_argument("--text-steps", type=int, default=600, help="text pretraining steps (0: none)")
+    parser.add_argument("--text-batch", type=int, default=32)
+    parser.add_argument("--text-length", type=int, default=256, help="tokens per text pretraining row")
+    parser.add_argument("--text-minutes", type=int, default=40, help="minutes of commentary per text match")
     parser.add_argument("--chunk-seconds", type=int, default=16)
     parser.add_argument("--overlap-seconds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=800)
@@ -207,17 +349,18 @@ def main() -> None:
     work, out = Path(args.work).resolve(), Path(args.out).resolve()  # run.toml paths are read relative to itself
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    samples = make_data(work, args.streams, args.minutes, args.start_minute_max)
+    samples = make_data(work, args.streams, args.minutes, args.start_minute_max, args.kickoff_fraction)
     tokenizer_dir = make_tokenizer(work, samples)
     init_dir = make_init(work, tokenizer_dir, args.seed)
-    config = write_run_config(work, samples, tokenizer_dir, init_dir, args)
+    pretrained_dir, text_pretraining = make_pretrained(work, tokenizer_dir, init_dir, args)
+    config = write_run_config(work, samples, tokenizer_dir, pretrained_dir, args)
     prepared = time.perf_counter()
     main_train(config)
     trained = time.perf_counter()
     if out.exists():
         shutil.rmtree(out)
     main_export(work / "run", out)
-    evaluation = evaluate(out, args.eval_seconds)
+    evaluation = {**evaluate(out, args.eval_seconds), "teacher_forced": teacher_forced_scores(out, work)}
     record_outputs(out, args.record_seconds)
 
     log = [json.loads(line) for line in (work / "run" / "log.jsonl").open()]
@@ -232,6 +375,7 @@ def main() -> None:
                                    "total": time.perf_counter() - started},
         "loss_curve": [{k: r[k] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s")} for r in log],
         "final_loss": log[-1]["loss"],
+        "text_pretraining": text_pretraining,
         "evaluation": evaluation,
     }
     path = write_result("demo_training", result, args.result)

@@ -54,3 +54,13 @@ def test_demo_bad_arguments(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(not_a_folder)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"svlm: error: --out {not_a_folder} exists and is not a folder", err
+
+
+def test_score_digit_mask_marks_only_the_digits_of_stated_scores():
+    from experiments.train_demo import score_digit_mask
+    from svlm_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(demo.DEMO_MODEL_DIR)
+    ids = np.asarray([tok.encode(" Blue passes 2 times. Score 12 to 3. Goal for Red! Score 13 to 30. Red 4")])
+    marked = [tok.decode([int(i)]) for i in ids[0][score_digit_mask(tok, ids)[0]]]
+    assert marked == ["1", "2", "3", "1", "3", "3", "0"]

@@ -1,5 +1,6 @@
 """The synthetic never-ending match: determinism, pace, commentary consistency, frames, files, scorer."""
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -182,6 +183,19 @@ def test_written_dataset_reads_back(tmp_path):
         assert read.shape == expected[2 * start:].shape
         errors = np.abs(read - expected[2 * start:]).mean(axis=(1, 2, 3))
         assert errors.max() < 1.0, errors.max()
+
+
+def test_kickoff_fraction_moves_that_share_of_streams_to_the_kickoff():
+    late = DatasetConfig(start_minute_max=30)
+    mixed = dataclasses.replace(late, kickoff_fraction=0.5)
+    seeds = range(400)
+    starts = [(stream_start(late, s), stream_start(mixed, s)) for s in seeds]
+    moved = [a for a, b in starts if b != a]
+    assert all(b in (0, a) for a, b in starts)  # a stream either keeps its minute or starts at 0
+    at_kickoff = sum(b == 0 for _, b in starts) / len(seeds)
+    assert 0.43 < at_kickoff < 0.6, at_kickoff  # 0.5 + 0.5 / 31 expected; binomial sd 0.025
+    assert len(moved) > 150
+    assert {stream_start(dataclasses.replace(late, kickoff_fraction=1.0), s) for s in seeds} == {0}
 
 
 def test_stream_joining_late_carries_the_earlier_match_as_previous(tmp_path):

@@ -58,8 +58,11 @@ class DatasetConfig:
     first_seed: int = 0  # stream k uses seed first_seed + k
     clip_seconds: int = 60
     # Stream k starts at a minute of its match drawn uniformly from 0 .. start_minute_max (seeded by
-    # its seed); its video and clips cover `minutes` from there.
+    # its seed), or at the kickoff with probability kickoff_fraction (streams watched from the start,
+    # as the demo's, whose first recap has no earlier statement to repeat); its video and clips
+    # cover `minutes` from there.
     start_minute_max: int = 0
+    kickoff_fraction: float = 0.0
     render: RenderConfig = field(default_factory=RenderConfig)
 
 
@@ -126,7 +129,9 @@ def _frames_recording_truths(items: Iterable[StreamSecond],
 
 def stream_start(config: DatasetConfig, seed: int) -> int:
     """The match second at which stream `seed` of a dataset starts."""
-    return 60 * int(np.random.default_rng([seed, 1]).integers(0, config.start_minute_max + 1))
+    rng = np.random.default_rng([seed, 1])
+    minute = int(rng.integers(0, config.start_minute_max + 1))
+    return 0 if rng.random() < config.kickoff_fraction else 60 * minute
 
 
 def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
