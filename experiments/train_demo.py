@@ -12,7 +12,8 @@ itself resumes from its latest checkpoint):
   4. pretrain   the LM alone on commentary text of other matches (next-token prediction): the
                 miniature of starting from a pretrained LLM. Repeating the last stated score is
                 copying from context, which a pretrained LLM can already do; a model that starts
-                random does not learn it from the few score statements of the video SFT on 2 cores
+                random did not learn it from the video SFT's few score statements in 800 steps
+                (it said one score whatever the context); with this stage it partly does
   5. train      overlapped-chunk SFT (`svlm_jax.train.run.main_train`) on a generated TOML config
   6. export     float32 HF checkpoint into svlm_jax/assets/demo_model/
   7. evaluate   stream the held-out seed `demo.DEMO_SEED` through StreamingSession as the demo does
