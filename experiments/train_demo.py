@@ -41,7 +41,7 @@ import svlm_jax
 from experiments.common import RESULTS, write_result
 from svlm_jax import demo, prompt
 from svlm_jax.config import ModelConfig, TextConfig, VisionConfig
-from svlm_jax.model import text, vlm
+from svlm_jax.model import text
 from svlm_jax.model.params import Model
 from svlm_jax.synth import (DatasetConfig, MatchConfig, memory_ages, score_commentary, stream_seconds,
                             summarize_scores, write_dataset)
@@ -300,12 +300,11 @@ def teacher_forced_scores(model_dir: Path, work: Path) -> dict:
             end = min(start + spec.chunk_seconds, n)
             chunk = data.chunk_from_frames(fmt, model.config, spec, tok.vision_preprocess, sample, start,
                                            data.read_frames(sample, start, end, spec.fps))
-            layout = jax.tree.map(lambda x: x[0, 0], data.vision_layouts(model.config.vision, chunk.grids_s3[None, None]))
-            x_btd = vlm.embed(model, jnp.asarray(chunk.ids_t)[None], jnp.asarray(chunk.rows_pv), layout)
-            order_bt = jnp.arange(len(chunk.ids_t), dtype=jnp.int32)[None]
-            hidden = text.decode_hidden(model.config.text, model.params.text, x_btd, jnp.asarray(chunk.positions_t3)[None],
-                                        jnp.ones_like(order_bt), order_bt)
-            predicted = np.asarray(jnp.argmax(text.logits(model.params.text, hidden), axis=-1))[0, :-1]
+            logits_btv = svlm_jax.forward(model, chunk.ids_t[None], pixel_values_videos=chunk.rows_pv,
+                                          video_grid_thw=chunk.grids_s3,
+                                          second_per_grid_ts=[tok.vision_preprocess.temporal_patch_size / spec.fps]
+                                          * len(chunk.grids_s3))
+            predicted = np.asarray(jnp.argmax(logits_btv, axis=-1))[0, :-1]
             targets = chunk.ids_t[1:]
             mask = score_digit_mask(tok, targets[None])[0] & (chunk.labels_t[1:] != data.IGNORE)
             right += int((predicted == targets)[mask].sum())
