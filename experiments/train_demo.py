@@ -256,14 +256,14 @@ def evaluate(model_dir: Path, seconds: int) -> dict:
     model, tok = demo.load_model(model_dir)
     started = time.perf_counter()
     texts, truths = [], []
-    for item, text in demo.commentate(model, tok, demo.DEMO_SEED, seconds):
-        texts.append(text)
+    for item, said in demo.commentate(model, tok, demo.DEMO_SEED, seconds):
+        texts.append(said)
         truths.append(item.truth)
     wall = time.perf_counter() - started
     scores = score_commentary(texts, truths)
     by_kind, scores_by_kind = Counter(), Counter()
     right_by_kind, scores_right_by_kind = Counter(), Counter()
-    for text, truth, score in zip(texts, truths, scores):
+    for truth, score in zip(truths, scores):
         for fact in truth.facts:
             by_kind[fact.kind] += 1
             right_by_kind[fact.kind] += score.events_correct
