@@ -10,10 +10,10 @@ itself resumes from its latest checkpoint):
                 16 vision tokens per second) for training and streaming alike
   3. init       random weights of the demo architecture (DEMO_ARCHITECTURE) as an HF directory
   4. pretrain   the LM alone on commentary text of other matches (next-token prediction): the
-                miniature of starting from a pretrained LLM. Repeating the last stated score is
-                copying from context, which a pretrained LLM can already do; a model that starts
-                random did not learn it from the video SFT's few score statements in 800 steps
-                (it said one score whatever the context); with this stage it partly does
+                miniature of starting from a pretrained LLM, which can already copy from context
+                (repeating the last stated score is copying). First plain text (dense, cheap rows),
+                then the same text in the chat format without frames (`data.chunk_tokens` with no
+                video tokens), whose turn tokens and time labels sit between two statements
   5. train      overlapped-chunk SFT (`svlm_jax.train.run.main_train`) on a generated TOML config
   6. export     float32 HF checkpoint into svlm_jax/assets/demo_model/
   7. evaluate   stream the held-out seed `demo.DEMO_SEED` through StreamingSession as the demo does
@@ -105,89 +105,160 @@ def make_init(work: Path, tokenizer_dir: Path, seed: int) -> Path:
     return out
 
 
-def commentary_tokens(tok: Tokenizer, seed: int, minutes: int) -> np.ndarray:
-    """A match's commentary from the kickoff as one token stream [T], in the previous-text format
-    (words joined by spaces, as the prompt holds earlier commentary). Simulation only, no frames."""
+def commentary_windows(tok: Tokenizer, seed: int, minutes: int, length: int,
+                        stride: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A match's commentary from the kickoff as one token stream, in the previous-text format (words
+    joined by spaces), cut into windows of `length` tokens every `stride`: (ids, labels = ids) each.
+    Simulation only, no frames."""
     seconds = itertools.islice(stream_seconds(MatchConfig(seed), render_from=minutes * 60), minutes * 60)
-    words = [w for item in seconds for _, _, w in item.truth.words]
-    return np.asarray(prompt.commentary_ids(tok.encode, words), np.int32)
+    ids = np.asarray(prompt.commentary_ids(tok.encode, [w for item in seconds for _, _, w in item.truth.words]),
+                     np.int32)
+    return [(ids[i:i + length], ids[i:i + length]) for i in range(0, len(ids) - length + 1, stride)]
 
 
-def score_digit_mask(tok: Tokenizer, ids_bt: np.ndarray) -> np.ndarray:
-    """True where a token is a digit of a stated score ("... Score 12 to 3."): the tokens that only
-    memory of earlier text can predict."""
-    digits = np.isin(ids_bt, [tok.encode(str(d))[-1] for d in range(10)])
+def commentary_chunks(fmt: data.ChatFormat, spec: data.ChunkSpec, seed: int, minutes: int, n_chunks: int,
+                      rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`n_chunks` random chunks of a match's commentary from the kickoff, as the SFT lays them out
+    (`data.chunk_tokens`: system, previous text, then a user and an assistant turn per second) but
+    with no frames, so no video tokens: (ids [T], labels [T]) each. Simulation only, no rendering."""
+    seconds = itertools.islice(stream_seconds(MatchConfig(seed), render_from=minutes * 60), minutes * 60)
+    sample = data.Sample(video=None, video_start=0, video_end=minutes * 60,
+                         words=tuple(w for item in seconds for w in item.truth.words))
+    rounds = data.sample_rounds(sample, spec)
+    bounds = data.chunk_bounds(len(rounds), spec)
+    return [data.chunk_tokens(fmt, spec, data.previous_ids(fmt, sample, rounds, start, spec), rounds[start:end],
+                              [0] * (end - start))
+            for start, end in (bounds[i] for i in rng.choice(len(bounds), n_chunks, replace=False))]
+
+
+def padded_rows(chunks: list[tuple[np.ndarray, np.ndarray]], length: int,
+                pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chunks right-padded into ids [N, length], labels [N, length] (IGNORE on padding) and
+    real [N, length] (True on the chunks' own tokens)."""
+    ids = np.full((len(chunks), length), pad_id, np.int32)
+    labels = np.full((len(chunks), length), data.IGNORE, np.int32)
+    real = np.zeros((len(chunks), length), bool)
+    for row, (chunk_ids, chunk_labels) in enumerate(chunks):
+        ids[row, :len(chunk_ids)], labels[row, :len(chunk_labels)], real[row, :len(chunk_ids)] = chunk_ids, chunk_labels, True
+    return ids, labels, real
+
+
+def score_number_mask(tok: Tokenizer, ids_bt: np.ndarray) -> np.ndarray:
+    """True where a token belongs to a number of a stated score ("... Score twelve to 3."): the
+    tokens that only memory of earlier text can predict."""
     score_word = np.isin(ids_bt, [tok.encode(" Score")[-1], tok.encode("Score")[-1]])
+    to_word = np.isin(ids_bt, [tok.encode(" to")[-1]])
     full_stop = np.isin(ids_bt, tok.encode("."))
+    alphanumeric = np.asarray([any(c.isalnum() for c in tok.decode([i])) for i in range(tok.vocab_size)])
+    counted = alphanumeric[ids_bt] & ~score_word & ~to_word
     # inside a statement: a "Score" token seen since the last full stop
     mask = np.zeros(ids_bt.shape, bool)
     inside = np.zeros(ids_bt.shape[0], bool)
     for t in range(ids_bt.shape[1]):
         inside = (inside | score_word[:, t]) & ~full_stop[:, t]
-        mask[:, t] = inside & digits[:, t]
+        mask[:, t] = inside & counted[:, t]
     return mask
 
 
-def text_loss(cfg, text_params, ids_bt):
-    """Mean next-token cross-entropy of a text-only batch [B, T] (positions 0.. on all three
-    M-RoPE axes, as Qwen2.5-VL gives text) and the logits [B, T-1, V]."""
+def text_loss(cfg, text_params, ids_bt, real_bt):
+    """Mean next-token cross-entropy over the real tokens of a text-only batch ids [B, T] (real
+    [B, T]: False on right padding, which attention skips), positions 0.. on all three M-RoPE axes
+    as Qwen2.5-VL gives text; and the logits [B, T-1, V]."""
     b, t = ids_bt.shape[0], ids_bt.shape[1] - 1
     order_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden = text.decode_hidden(cfg, text_params, text_params.embed_vd[ids_bt[:, :-1]],
-                                jnp.broadcast_to(order_bt[..., None], (b, t, 3)), jnp.ones((b, t), jnp.int32), order_bt)
+                                jnp.broadcast_to(order_bt[..., None], (b, t, 3)),
+                                real_bt[:, :-1].astype(jnp.int32), order_bt)
     logits_btv = text.logits(text_params, hidden)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_btv, ids_bt[:, 1:]).mean(), logits_btv
+    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, ids_bt[:, 1:])
+    counted_bt = real_bt[:, 1:]
+    return jnp.sum(jnp.where(counted_bt, nll_bt, 0.0)) / jnp.maximum(jnp.sum(counted_bt), 1), logits_btv
+
+
+class LMTrainer:
+    """Next-token training of the LM alone on padded text rows (ids, labels) [N, T] (see text_loss)."""
+
+    def __init__(self, cfg: TextConfig, pad_id: int, batch: int):
+        self.cfg, self.pad_id, self.batch = cfg, pad_id, batch
+
+    def rows(self, chunks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        length = -(-max(len(ids) for ids, _ in chunks) // 64) * 64 + 1  # inputs: a multiple of 64 tokens
+        return padded_rows(chunks, length, self.pad_id)
+
+    def train(self, text_params, chunks, steps: int, lr: float, rng: np.random.Generator, name: str):
+        """(trained text params, loss curve): `steps` updates on batches drawn from `chunks`."""
+        ids_nt, _, real_nt = self.rows(chunks)
+        tx = step.optimizer(step.OptimConfig(lr=lr, warmup_steps=steps // 20, total_steps=steps))
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def update(text_params, opt_state, ids_bt, real_bt):
+            (loss, _), grads = jax.value_and_grad(functools.partial(text_loss, self.cfg), has_aux=True)(
+                text_params, ids_bt, real_bt)
+            updates, opt_state = tx.update(grads, opt_state, text_params)
+            return optax.apply_updates(text_params, updates), opt_state, loss
+
+        opt_state = tx.init(text_params)
+        curve, started = [], time.perf_counter()
+        for i in range(steps):
+            picks = rng.integers(0, len(ids_nt), self.batch)
+            text_params, opt_state, loss = update(text_params, opt_state, ids_nt[picks], real_nt[picks])
+            if (i + 1) % 50 == 0:
+                curve.append({"step": i + 1, "loss": float(loss), "time_s": time.perf_counter() - started})
+                print(f"{name} pretraining step {i + 1:5d}  loss {float(loss):.4f}", flush=True)
+        return text_params, curve
+
+    def held_out(self, text_params, tok: Tokenizer, chunks) -> dict:
+        """Mean loss and the accuracy of the labelled score-number tokens (next-token argmax)."""
+        predict = jax.jit(lambda p, ids_bt, real_bt: text_loss(self.cfg, p, ids_bt, real_bt))
+        ids_nt, labels_nt, real_nt = self.rows(chunks)
+        losses, right, counted = [], 0, 0
+        for first in range(0, len(ids_nt), self.batch):
+            rows = slice(first, first + self.batch)
+            loss, logits_btv = predict(text_params, ids_nt[rows], real_nt[rows])
+            targets = ids_nt[rows, 1:]
+            mask = score_number_mask(tok, targets) & (labels_nt[rows, 1:] != data.IGNORE)
+            losses.append(float(loss))
+            right += int((np.asarray(jnp.argmax(logits_btv, axis=-1)) == targets)[mask].sum())
+            counted += int(mask.sum())
+        return {"loss": float(np.mean(losses)), "score_tokens": counted, "score_token_accuracy": right / max(counted, 1)}
 
 
 def make_pretrained(work: Path, tokenizer_dir: Path, init_dir: Path, args) -> tuple[Path, dict]:
-    """Stage 4: next-token training of the LM on commentary text; returns its HF directory and a
-    report (loss curve, held-out loss and score-digit accuracy)."""
+    """Stage 4: next-token training of the LM on commentary text, first as plain text, then in the
+    chat format without frames; returns its HF directory and a report (per phase: loss curve, time,
+    held-out loss and score-number accuracy in both formats)."""
     out, report_path = work / "pretrain", work / "pretrain" / "report.json"
     if report_path.is_file():
         return out, json.loads(report_path.read_text())
-    if args.text_steps == 0:
+    if args.text_steps == 0 and args.chat_steps == 0:
         return init_dir, {}
     tok = Tokenizer.from_pretrained(tokenizer_dir)
+    fmt, spec = data.ChatFormat.from_tokenizer(tok, tokenizer_dir), chunk_spec(args)
     model = svlm_jax.load_pretrained(init_dir, "float32")
-    corpus = [commentary_tokens(tok, seed, args.text_minutes) for seed in TEXT_SEEDS]
-    length = args.text_length + 1
-    held_out = np.stack([c[i:i + length] for c in (commentary_tokens(tok, s, args.text_minutes)
-                                                   for s in TEXT_HELD_OUT_SEEDS)
-                         for i in range(0, len(c) - length, length)])
-    optim = step.OptimConfig(lr=args.lr, warmup_steps=args.text_steps // 20, total_steps=args.text_steps)
-    tx = step.optimizer(optim)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(text_params, opt_state, ids_bt):
-        (loss, _), grads = jax.value_and_grad(functools.partial(text_loss, model.config.text), has_aux=True)(
-            text_params, ids_bt)
-        updates, opt_state = tx.update(grads, opt_state, text_params)
-        return optax.apply_updates(text_params, updates), opt_state, loss
-
-    @jax.jit
-    def predict(text_params, ids_bt):
-        loss, logits_btv = text_loss(model.config.text, text_params, ids_bt)
-        return loss, jnp.argmax(logits_btv, axis=-1)
-
-    text_params = model.params.text
-    opt_state = tx.init(text_params)
     rng = np.random.default_rng(args.seed)
-    curve, started = [], time.perf_counter()
-    for i in range(args.text_steps):
-        picks = rng.integers(0, len(corpus), args.text_batch)
-        ids_bt = np.stack([corpus[k][o:o + length] for k in picks
-                           for o in [rng.integers(0, len(corpus[k]) - length)]])
-        text_params, opt_state, loss = update(text_params, opt_state, ids_bt)
-        if (i + 1) % 50 == 0:
-            curve.append({"step": i + 1, "loss": float(loss), "time_s": time.perf_counter() - started})
-            print(f"text pretraining step {i + 1:5d}  loss {float(loss):.4f}", flush=True)
-    loss, predicted = predict(text_params, held_out)
-    mask = score_digit_mask(tok, held_out[:, 1:])
-    report = {"steps": args.text_steps, "batch": args.text_batch, "length": args.text_length,
-              "matches": len(TEXT_SEEDS), "minutes_per_match": args.text_minutes,
-              "corpus_tokens": int(sum(len(c) for c in corpus)), "wall_s": time.perf_counter() - started,
-              "loss_curve": curve, "held_out_loss": float(loss), "held_out_score_digits": int(mask.sum()),
-              "held_out_score_digit_accuracy": float((np.asarray(predicted) == held_out[:, 1:])[mask].mean())}
+    trainer = LMTrainer(model.config.text, fmt.pad_id, args.text_batch)
+    # Plain: dense, short rows, where copying the last score is learned cheaply. Chat: the SFT's
+    # layout, whose turn tokens between two statements break plain-text copying until trained on.
+    corpora = {
+        "plain": lambda seeds, stride: [w for s in seeds for w in commentary_windows(tok, s, args.text_minutes,
+                                                                                      args.text_length + 1, stride)],
+        "chat": lambda seeds, _: [c for s in seeds for c in commentary_chunks(fmt, spec, s, args.text_minutes,
+                                                                                args.text_chunks, rng)]}
+    held_out = {name: corpus(TEXT_HELD_OUT_SEEDS, args.text_length) for name, corpus in corpora.items()}
+    text_params, report = model.params.text, {}
+    for name, steps in (("plain", args.text_steps), ("chat", args.chat_steps)):
+        if steps == 0:
+            continue
+        started = time.perf_counter()
+        text_params, curve = trainer.train(text_params, corpora[name](TEXT_SEEDS, 64), steps, args.lr, rng, name)
+        report[name] = {"steps": steps, "batch": args.text_batch, "wall_s": time.perf_counter() - started,
+                        "loss_curve": curve,
+                        "held_out": {fmt_name: trainer.held_out(text_params, tok, rows)
+                                     for fmt_name, rows in held_out.items()}}
+        print(f"{name} pretraining held out: {report[name]['held_out']}", flush=True)
+    report["corpus"] = {"matches": len(TEXT_SEEDS), "held_out_matches": len(TEXT_HELD_OUT_SEEDS),
+                        "minutes_per_match": args.text_minutes, "plain_row_tokens": args.text_length,
+                        "chat_chunks_per_match": args.text_chunks}
     svlm_jax.save_pretrained(Model(model.config, model.params.replace(text=text_params)), out)
     report_path.write_text(json.dumps(report, indent=2))
     return out, report
@@ -281,7 +352,7 @@ def evaluate(model_dir: Path, seconds: int) -> dict:
 
 
 def teacher_forced_scores(model_dir: Path, work: Path) -> dict:
-    """Score-digit accuracy with the true commentary in context (teacher forcing) on held-out streams
+    """Score-number token accuracy with the true commentary in context (teacher forcing) on held-out streams
     joined late in their matches: whether the model repeats the last stated score, apart from
     whether its own earlier statements were right (streaming feeds back its own)."""
     held_out = work / "teacher_forced"
@@ -306,10 +377,10 @@ def teacher_forced_scores(model_dir: Path, work: Path) -> dict:
                                           * len(chunk.grids_s3))
             predicted = np.asarray(jnp.argmax(logits_btv, axis=-1))[0, :-1]
             targets = chunk.ids_t[1:]
-            mask = score_digit_mask(tok, targets[None])[0] & (chunk.labels_t[1:] != data.IGNORE)
+            mask = score_number_mask(tok, targets[None])[0] & (chunk.labels_t[1:] != data.IGNORE)
             right += int((predicted == targets)[mask].sum())
             total += int(mask.sum())
-    return {"seeds": list(TEACHER_FORCED_SEEDS), "score_digits": total, "score_digit_accuracy": right / max(total, 1)}
+    return {"seeds": list(TEACHER_FORCED_SEEDS), "score_tokens": total, "score_token_accuracy": right / max(total, 1)}
 
 
 def record_outputs(model_dir: Path, seconds: int) -> None:
@@ -329,9 +400,11 @@ def main() -> None:
                         help="each stream joins its match at a random minute up to this (scores of long matches)")
     parser.add_argument("--kickoff-fraction", type=float, default=0.25,
                         help="share of the streams watched from the kickoff, as the demo's is")
-    parser.add_argument("--text-steps", type=int, default=600, help="text pretraining steps (0: none)")
+    parser.add_argument("--text-steps", type=int, default=400, help="plain text pretraining steps (0: none)")
     parser.add_argument("--text-batch", type=int, default=32)
-    parser.add_argument("--text-length", type=int, default=256, help="tokens per text pretraining row")
+    parser.add_argument("--text-length", type=int, default=256, help="tokens per plain text row")
+    parser.add_argument("--chat-steps", type=int, default=100, help="chat-format text pretraining steps (0: none)")
+    parser.add_argument("--text-chunks", type=int, default=40, help="chat-format chunks drawn per text match")
     parser.add_argument("--text-minutes", type=int, default=40, help="minutes of commentary per text match")
     parser.add_argument("--chunk-seconds", type=int, default=16)
     parser.add_argument("--overlap-seconds", type=int, default=8)

@@ -56,11 +56,19 @@ def test_demo_bad_arguments(tmp_path, capsys):
     assert err == f"svlm: error: --out {not_a_folder} exists and is not a folder", err
 
 
-def test_score_digit_mask_marks_only_the_digits_of_stated_scores():
-    from experiments.train_demo import score_digit_mask
+def test_score_number_mask_marks_only_the_numbers_of_stated_scores():
+    from experiments.train_demo import score_number_mask
     from svlm_jax.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(demo.DEMO_MODEL_DIR)
-    ids = np.asarray([tok.encode(" Blue passes 2 times. Score 12 to 3. Goal for Red! Score 13 to 30. Red 4")])
-    marked = [tok.decode([int(i)]) for i in ids[0][score_digit_mask(tok, ids)[0]]]
-    assert marked == ["1", "2", "3", "1", "3", "3", "0"]
+    text = " Blue passes 2 times. Score 12 to three. Goal for Red! Score twenty one to 30. Red 4 to one"
+    ids = np.asarray([tok.encode(text)])
+    mask = score_number_mask(tok, ids)[0]
+    runs, run = [], []  # the marked runs of tokens, decoded: each a number a score states
+    for token, marked in zip(ids[0].tolist(), mask):
+        if marked:
+            run.append(token)
+        elif run:
+            runs.append(tok.decode(run).strip())
+            run = []
+    assert runs == ["12", "three", "twenty one", "30"]

@@ -26,7 +26,7 @@ from svlm_jax.synth import (
     write_dataset,
 )
 from svlm_jax.media.video import VideoReader
-from svlm_jax.synth.commentary import RECAP_PERIOD_SECONDS, VOCABULARY
+from svlm_jax.synth.commentary import RECAP_PERIOD_SECONDS, VOCABULARY, number_words, parse_number
 from svlm_jax.synth.render import BALL_COLOUR, BAR_COLOUR, EVENT_COLOURS, RECAP_COLOUR, TEAM_COLOURS, pitch_to_pixel
 from svlm_jax.synth.world import EVENT_KINDS, HOME
 
@@ -109,8 +109,26 @@ def test_words_are_timed_inside_their_second_and_in_order(hour):
             assert start >= last_end
             last_end = end
             token = word.strip(".,!").lower()
-            assert token in VOCABULARY or token.isdigit(), word
-    assert len(VOCABULARY) <= 30
+            assert token in VOCABULARY, word  # numbers in words too
+    assert len(VOCABULARY) <= 60
+
+
+def test_number_words_known_answers_and_strict_parsing(rng):
+    known = {0: "zero", 7: "seven", 13: "thirteen", 20: "twenty", 21: "twenty one", 99: "ninety nine",
+             100: "one hundred", 105: "one hundred five", 340: "three hundred forty",
+             1000: "one thousand", 1305: "one thousand three hundred five",
+             2_000_017: "two million seventeen", 3_000_000_000: "three billion"}
+    for n, words in known.items():
+        assert number_words(n) == words
+        assert parse_number(["score", *words.split(), "to"], 1) == (n, 1 + len(words.split()))
+    for n in rng.integers(0, 10 ** 12, 200).tolist() + list(range(150)):
+        tokens = number_words(n).split()
+        assert parse_number(tokens + ["to"], 0) == (n, len(tokens))
+    assert parse_number(["42", "to"], 0) == (42, 1)
+    for not_a_number in ("one one", "twenty twenty", "hundred", "five twenty", "to"):
+        assert parse_number(not_a_number.split(), 0) is None, not_a_number
+    with pytest.raises(ValueError):
+        number_words(-1)
 
 
 def test_frame_shows_ball_possessor_events_and_clock(hour):
@@ -245,9 +263,11 @@ def test_scorer_accepts_truth_and_rejects_wrong_teams_and_numbers(hour):
     assert judge(goal.text.upper().replace("!", "").replace(".", " ...")).correct
     assert judge(f"Oh! goal for {scorer}! Score {home_goals} to {away_goals}, what a strike").correct
     assert not judge(goal.text.replace(f"for {scorer}", f"for {other}")).events_correct
+    assert f"Score {number_words(home_goals)} to {number_words(away_goals)}." in goal.text
     for wrong in [(home_goals + 1, away_goals), (away_goals, home_goals) if home_goals != away_goals else (0, 0)]:
-        wrong_score = f"Goal for {scorer}! Score {wrong[0]} to {wrong[1]}."
-        assert judge(wrong_score).events_correct and judge(wrong_score).score_correct is False
+        for wrong_score in (f"Goal for {scorer}! Score {wrong[0]} to {wrong[1]}.",
+                            f"Goal for {scorer}! Score {number_words(wrong[0])} to {number_words(wrong[1])}."):
+            assert judge(wrong_score).events_correct and judge(wrong_score).score_correct is False
     assert judge(f"Goal for {scorer}!").score_correct is False  # the score left out
     assert not judge("...").correct
 

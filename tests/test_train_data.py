@@ -101,6 +101,27 @@ def test_sample_with_previous_has_no_query(rng):
                                            "<vs>PPPP<ve>score?</s>")
 
 
+def test_previous_ids_is_the_policy_over_all_earlier_text(rng):
+    # The definition, spelled out: everything said before the chunk (the sample's previous text,
+    # then each earlier second's commentary), then the first `sink` and last `window` tokens.
+    for _ in range(40):
+        n = int(rng.integers(1, 30))
+        words = tuple((k + 0.2, k + 0.8, "".join(rng.choice(list("abc"), int(rng.integers(1, 4)))))
+                      for k in range(n) if rng.random() < 0.6)
+        previous = " ".join("xyz"[int(i)] * 2 for i in rng.integers(0, 3, int(rng.integers(0, 5))))
+        sample = data.Sample(video=None, video_start=0.0, video_end=float(n), words=words, previous=previous)
+        spec = data.ChunkSpec(chunk_seconds=3, overlap_seconds=1, text_sink=int(rng.integers(0, 8)),
+                              text_window=int(rng.integers(0, 12)))
+        rounds = data.sample_rounds(sample, spec)
+        for start in range(n + 1):
+            said = [ord(c) for c in (" " + previous if previous else "")]
+            for r in rounds[:start]:
+                said += [ord(c) for c in "".join(" " + w for w in r.words)]
+            want = said if len(said) <= spec.text_sink + spec.text_window else (
+                said[:spec.text_sink] + said[len(said) - spec.text_window:] * (spec.text_window > 0))
+            assert data.previous_ids(CHARS, sample, rounds, start, spec) == want
+
+
 def test_positions_follow_the_vision_blocks(rng):
     chunk = data.chunk_from_frames(CHARS, MODEL, SPEC, VISION, SAMPLE, 0, random_frames(rng, 3))
     s = int(np.flatnonzero(chunk.ids_t == 1005)[0])  # text before the first block: positions 0..s-1

@@ -2,8 +2,11 @@
 
 Each event gets one short fixed sentence. Goals state the new score, and every RECAP_PERIOD_SECONDS
 (the seconds s > 0 with s % RECAP_PERIOD_SECONDS == 0, unless a goal already states it) the
-commentary restates the score after that second's event, if any. A score is home goals first:
-"Score 2 to 1." The score is never drawn on the frames (the frames only mark the seconds that
+commentary restates the score after that second's event, if any. A score is home goals first, in
+words: "Score two to one." Words, not digits, because every prompt's `Time=a-b s` label is full
+of digits: a small model copying "the last digits it saw" then reads the clock (found with the
+demo model, whose wrong score digits were mostly the current time label's). The scorer accepts
+digits too. The score is never drawn on the frames (the frames only mark the seconds that
 restate it), so a model can only get it right by remembering its earlier commentary: a recap
 copies the previous score statement, at most RECAP_PERIOD_SECONDS back, and a goal adds one to
 it. Foul counts are not stated: a team's previous foul is often minutes back, beyond any bounded
@@ -36,6 +39,48 @@ SENTENCES = {
 }
 RECAP_PERIOD_SECONDS = 10  # below the demo's 16 text rounds: the previous score is always in the window
 _NUMBER_SLOTS = ("{home_goals}", "{away_goals}")
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+          "sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_SCALES = ((10 ** 9, "billion"), (10 ** 6, "million"), (1000, "thousand"), (100, "hundred"))
+_SCALE_VALUES = {name: scale for scale, name in _SCALES}
+NUMBER_WORDS = frozenset(_UNITS + _TENS[2:] + list(_SCALE_VALUES))
+
+
+def number_words(n: int) -> str:
+    """A count in English words, without "and" or hyphens: 21 -> "twenty one",
+    1305 -> "one thousand three hundred five"."""
+    if n < 0:
+        raise ValueError(f"a count is never negative, got {n}")
+    for scale, name in _SCALES:
+        if n >= scale:
+            rest = n % scale
+            return f"{number_words(n // scale)} {name}" + (f" {number_words(rest)}" if rest else "")
+    if n < 20:
+        return _UNITS[n]
+    return _TENS[n // 10] + (f" {_UNITS[n % 10]}" if n % 10 else "")
+
+
+def parse_number(tokens: Sequence[str], i: int) -> tuple[int, int] | None:
+    """(value, index after it) of the count at tokens[i]: one digit run, or the longest run of
+    number words, which must be exactly how number_words writes its value ("one one" is not 2)."""
+    if i < len(tokens) and tokens[i].isdigit():
+        return int(tokens[i]), i + 1
+    j = i
+    while j < len(tokens) and tokens[j] in NUMBER_WORDS:
+        j += 1
+    if j == i:
+        return None
+    total = group = 0
+    for word in tokens[i:j]:
+        if word == "hundred":
+            group *= 100
+        elif word in _SCALE_VALUES:
+            total, group = total + group * _SCALE_VALUES[word], 0
+        else:
+            group += _TENS.index(word) * 10 if word in _TENS else _UNITS.index(word)
+    value = total + group
+    return (value, j) if number_words(value).split() == list(tokens[i:j]) else None
 
 
 def _normalize(text: str) -> list[str]:
@@ -45,7 +90,7 @@ def _normalize(text: str) -> list[str]:
 
 VOCABULARY = tuple(sorted(
     {token for sentence in SENTENCES.values() for token in _normalize(re.sub(r"\{\w+\}", " ", sentence))}
-    | {name.lower() for name in TEAM_NAMES}))  # plus the numbers, which are open-ended
+    | {name.lower() for name in TEAM_NAMES} | NUMBER_WORDS))
 
 
 @dataclass(frozen=True)
@@ -69,7 +114,7 @@ class SecondTruth:
 
 
 def fact_sentence(fact: Fact) -> str:
-    home_goals, away_goals = fact.score or (None, None)
+    home_goals, away_goals = map(number_words, fact.score) if fact.score else (None, None)
     return SENTENCES[fact.kind].format(team=fact.team, home_goals=home_goals, away_goals=away_goals)
 
 
@@ -111,19 +156,25 @@ _PATTERNS = {kind: _pattern(sentence) for kind, sentence in SENTENCES.items()}
 _TEAMS_BY_TOKEN = {name.lower(): name for name in TEAM_NAMES}
 
 
-def _match(pattern: list[str], tokens: list[str]) -> dict[str, str | int] | None:
-    """Slot values if `tokens` starts with `pattern`, else None."""
-    if len(tokens) < len(pattern):
-        return None
+def _match(pattern: list[str], tokens: list[str]) -> tuple[dict[str, str | int], int] | None:
+    """(slot values, tokens used) if `tokens` starts with `pattern`, else None."""
     slots: dict[str, str | int] = {}
-    for want, got in zip(pattern, tokens):
-        if want == "{team}" and got in _TEAMS_BY_TOKEN:
-            slots[want] = _TEAMS_BY_TOKEN[got]
-        elif want in _NUMBER_SLOTS and got.isdigit():
-            slots[want] = int(got)
-        elif want != got:
+    i = 0
+    for want in pattern:
+        if i >= len(tokens):
             return None
-    return slots
+        if want in _NUMBER_SLOTS:
+            number = parse_number(tokens, i)
+            if number is None:
+                return None
+            slots[want], i = number
+            continue
+        if want == "{team}" and tokens[i] in _TEAMS_BY_TOKEN:
+            slots[want] = _TEAMS_BY_TOKEN[tokens[i]]
+        elif want != tokens[i]:
+            return None
+        i += 1
+    return slots, i
 
 
 def parse_facts(text: str) -> tuple[Fact, ...]:
@@ -133,10 +184,10 @@ def parse_facts(text: str) -> tuple[Fact, ...]:
     i = 0
     while i < len(tokens):
         for kind, pattern in _PATTERNS.items():
-            slots = _match(pattern, tokens[i:])
-            if slots is not None:
-                facts.append(_fact(kind, slots))
-                i += len(pattern)
+            matched = _match(pattern, tokens[i:])
+            if matched is not None:
+                facts.append(_fact(kind, matched[0]))
+                i += matched[1]
                 break
         else:
             i += 1

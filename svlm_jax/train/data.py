@@ -216,11 +216,19 @@ def chunk_bounds(n_seconds: int, spec: ChunkSpec) -> list[tuple[int, int]]:
 
 
 def previous_ids(fmt: ChatFormat, sample: Sample, rounds: Sequence[Round], start: int, spec: ChunkSpec) -> list[int]:
-    """Previous-text tokens of a chunk starting at second `start`: inference's truncation policy."""
-    ids = prompt.previous_text_ids(fmt.encode, sample.previous)
-    for r in rounds[:start]:
-        ids += prompt.commentary_ids(fmt.encode, r.words)
-    return prompt.truncate_previous(ids, spec.text_sink, spec.text_window)
+    """Previous-text tokens of a chunk starting at second `start`: inference's truncation policy.
+    Tokenizes only the rounds that reach the sink (from the front) or the window (from the back),
+    so a chunk hours into a stream costs no more than one near its start."""
+    head, k = prompt.previous_text_ids(fmt.encode, sample.previous), 0
+    while len(head) < spec.text_sink and k < start:
+        head += prompt.commentary_ids(fmt.encode, rounds[k].words)
+        k += 1
+    tail, j = [], start
+    while len(tail) < spec.text_window and j > k:
+        j -= 1
+        tail = prompt.commentary_ids(fmt.encode, rounds[j].words) + tail
+    # rounds k .. j-1 (if any) fall between the sink and the window
+    return prompt.truncate_previous(head + tail, spec.text_sink, spec.text_window)
 
 
 # ---- one chunk ----------------------------------------------------------------------------------
