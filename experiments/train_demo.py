@@ -11,9 +11,9 @@ itself resumes from its latest checkpoint):
   3. init       random weights of the demo architecture (DEMO_ARCHITECTURE) as an HF directory
   4. pretrain   the LM alone on commentary text of other matches (next-token prediction): the
                 miniature of starting from a pretrained LLM, which can already copy from context
-                (repeating the last stated score is copying). First plain text (dense, cheap rows),
-                then the same text in the chat format without frames (`data.chunk_tokens` with no
-                video tokens), whose turn tokens and time labels sit between two statements
+                (repeating the last stated score is copying): plain text, in dense cheap rows.
+                `--chat-steps N` adds N steps on the same text in the chat format without frames
+                (`data.chunk_tokens` with no video tokens); measured to hurt (README), so off
   5. train      overlapped-chunk SFT (`svlm_jax.train.run.main_train`) on a generated TOML config
   6. export     float32 HF checkpoint into svlm_jax/assets/demo_model/
   7. evaluate   stream the held-out seed `demo.DEMO_SEED` through StreamingSession as the demo does
@@ -182,7 +182,7 @@ class LMTrainer:
         self.cfg, self.pad_id, self.batch = cfg, pad_id, batch
 
     def rows(self, chunks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        length = -(-max(len(ids) for ids, _ in chunks) // 64) * 64 + 1  # inputs: a multiple of 64 tokens
+        length = -(-(max(len(ids) for ids, _ in chunks) - 1) // 64) * 64 + 1  # inputs: a multiple of 64 tokens
         return padded_rows(chunks, length, self.pad_id)
 
     def train(self, text_params, chunks, steps: int, lr: float, rng: np.random.Generator, name: str):
@@ -400,10 +400,12 @@ def main() -> None:
                         help="each stream joins its match at a random minute up to this (scores of long matches)")
     parser.add_argument("--kickoff-fraction", type=float, default=0.25,
                         help="share of the streams watched from the kickoff, as the demo's is")
-    parser.add_argument("--text-steps", type=int, default=400, help="plain text pretraining steps (0: none)")
+    parser.add_argument("--text-steps", type=int, default=600, help="plain text pretraining steps (0: none)")
     parser.add_argument("--text-batch", type=int, default=32)
     parser.add_argument("--text-length", type=int, default=256, help="tokens per plain text row")
-    parser.add_argument("--chat-steps", type=int, default=100, help="chat-format text pretraining steps (0: none)")
+    parser.add_argument("--chat-steps", type=int, default=0,
+                        help="chat-format text pretraining steps after the plain ones (0: none; 100 made the"
+                             " model name one team for every event, see the README)")
     parser.add_argument("--text-chunks", type=int, default=40, help="chat-format chunks drawn per text match")
     parser.add_argument("--text-minutes", type=int, default=40, help="minutes of commentary per text match")
     parser.add_argument("--chunk-seconds", type=int, default=16)
