@@ -5,7 +5,7 @@ Each event gets one short fixed sentence. Goals state the new score, and every R
 commentary restates the score after that second's event, if any. A score is home goals first, in
 words: "Score two to one." Words, not digits, because every prompt's `Time=a-b s` label is full
 of digits: a small model copying "the last digits it saw" then reads the clock (found with the
-demo model, whose wrong score digits were mostly the current time label's). The scorer accepts
+demo model: many of its wrong score digits were the current time label's). The scorer accepts
 digits too. The score is never drawn on the frames (the frames only mark the seconds that
 restate it), so a model can only get it right by remembering its earlier commentary: a recap
 copies the previous score statement, at most RECAP_PERIOD_SECONDS back, and a goal adds one to
