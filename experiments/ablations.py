@@ -204,10 +204,13 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, v in result["variants"].items():
+    # Matplotlib's colour cycle has 10 colours and there are more variants: the line style tells
+    # the variants that share a colour apart.
+    for i, (name, v) in enumerate(result["variants"].items()):
         mids = [(s["start_s"] + s["end_s"]) / 2 / 60 for s in v["segments"]]
+        style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3], marker=".", label=name)
         for ax, key in zip(axes, ("accuracy", "memory_accuracy", "ms_per_token")):
-            ax.plot(mids, [np.nan if s[key] is None else s[key] for s in v["segments"]], marker=".", label=name)
+            ax.plot(mids, [np.nan if s[key] is None else s[key] for s in v["segments"]], **style)
     for ax, title in zip(axes, ("accuracy per segment", "long-memory score per segment",
                                 "ms per generated token")):
         ax.set(xlabel="stream minutes", title=title)

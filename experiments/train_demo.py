@@ -160,6 +160,19 @@ def score_number_mask(tok: Tokenizer, ids_bt: np.ndarray) -> np.ndarray:
     return mask
 
 
+def goal_statement_mask(tok: Tokenizer, ids_bt: np.ndarray) -> np.ndarray:
+    """True from a "Goal" token to the next full stop: the goal's sentence, whose score adds one
+    to the previous statement's ("Goal for Red! Score two to one.")."""
+    goal_word = np.isin(ids_bt, [tok.encode(" Goal")[-1], tok.encode("Goal")[-1]])
+    full_stop = np.isin(ids_bt, tok.encode("."))
+    mask = np.zeros(ids_bt.shape, bool)
+    inside = np.zeros(ids_bt.shape[0], bool)
+    for t in range(ids_bt.shape[1]):
+        inside = (inside | goal_word[:, t]) & ~full_stop[:, t]
+        mask[:, t] = inside
+    return mask
+
+
 def text_loss(cfg, text_params, ids_bt, real_bt):
     """Mean next-token cross-entropy over the real tokens of a text-only batch ids [B, T] (real
     [B, T]: False on right padding, which attention skips), positions 0.. on all three M-RoPE axes
@@ -364,7 +377,7 @@ def teacher_forced_scores(model_dir: Path, work: Path) -> dict:
     # chunks as long as the rounds streaming keeps in full, and its previous-text policy
     spec = data.ChunkSpec(chunk_seconds=demo.STREAM.text_rounds, overlap_seconds=0,
                           text_sink=demo.STREAM.text_sink, text_window=demo.STREAM.text_window)
-    right = total = 0
+    right, total = {"goal": 0, "recap": 0}, {"goal": 0, "recap": 0}
     for sample in data.read_samples(held_out / "samples.jsonl"):
         n = len(data.sample_rounds(sample, spec))
         for start in range(0, n, spec.chunk_seconds):
@@ -378,9 +391,15 @@ def teacher_forced_scores(model_dir: Path, work: Path) -> dict:
             predicted = np.asarray(jnp.argmax(logits_btv, axis=-1))[0, :-1]
             targets = chunk.ids_t[1:]
             mask = score_number_mask(tok, targets[None])[0] & (chunk.labels_t[1:] != data.IGNORE)
-            right += int((predicted == targets)[mask].sum())
-            total += int(mask.sum())
-    return {"seeds": list(TEACHER_FORCED_SEEDS), "score_tokens": total, "score_token_accuracy": right / max(total, 1)}
+            goal = goal_statement_mask(tok, targets[None])[0]
+            for kind, kind_mask in (("goal", mask & goal), ("recap", mask & ~goal)):
+                right[kind] += int((predicted == targets)[kind_mask].sum())
+                total[kind] += int(kind_mask.sum())
+    n_right, n_total = sum(right.values()), sum(total.values())
+    return {"seeds": list(TEACHER_FORCED_SEEDS), "score_tokens": n_total, "score_token_accuracy": n_right / max(n_total, 1),
+            # recaps only copy the previous statement; goals also add one to it
+            **{f"{kind}_score_tokens": total[kind] for kind in total},
+            **{f"{kind}_score_token_accuracy": right[kind] / max(total[kind], 1) for kind in total}}
 
 
 def record_outputs(model_dir: Path, seconds: int) -> None:

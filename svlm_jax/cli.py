@@ -462,7 +462,7 @@ Watch the bundled tiny StreamingVLM commentate a synthetic football match it has
 one second at a time, on the CPU: each second's commentary is printed beside the ground truth
 with a running accuracy, and the match is saved as an mp4 with the commentary as WebVTT
 subtitles beside it. The score is never drawn on the pitch: the model can only state it (every
-10 s, home first) by remembering its own earlier commentary.
+few seconds, home first) by remembering its own earlier commentary.
 
 example:
   svlm demo

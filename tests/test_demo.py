@@ -56,19 +56,23 @@ def test_demo_bad_arguments(tmp_path, capsys):
     assert err == f"svlm: error: --out {not_a_folder} exists and is not a folder", err
 
 
-def test_score_number_mask_marks_only_the_numbers_of_stated_scores():
-    from experiments.train_demo import score_number_mask
+def test_score_number_and_goal_masks_mark_only_the_numbers_of_stated_scores_and_goal_sentences():
+    from experiments.train_demo import goal_statement_mask, score_number_mask
     from svlm_jax.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(demo.DEMO_MODEL_DIR)
     text = " Blue passes 2 times. Score 12 to three. Goal for Red! Score twenty one to 30. Red 4 to one"
     ids = np.asarray([tok.encode(text)])
-    mask = score_number_mask(tok, ids)[0]
-    runs, run = [], []  # the marked runs of tokens, decoded: each a number a score states
-    for token, marked in zip(ids[0].tolist(), mask):
-        if marked:
-            run.append(token)
-        elif run:
-            runs.append(tok.decode(run).strip())
-            run = []
-    assert runs == ["12", "three", "twenty one", "30"]
+
+    def marked_runs(mask):  # the marked runs of tokens, decoded
+        runs, run = [], []
+        for token, marked in zip(ids[0].tolist() + [None], mask.tolist() + [False]):
+            if marked:
+                run.append(token)
+            elif run:
+                runs.append(tok.decode(run).strip())
+                run = []
+        return runs
+
+    assert marked_runs(score_number_mask(tok, ids)[0]) == ["12", "three", "twenty one", "30"]
+    assert marked_runs(goal_statement_mask(tok, ids)[0]) == ["Goal for Red! Score twenty one to 30"]
