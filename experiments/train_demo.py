@@ -173,10 +173,10 @@ def goal_statement_mask(tok: Tokenizer, ids_bt: np.ndarray) -> np.ndarray:
     return mask
 
 
-def text_loss(cfg, text_params, ids_bt, real_bt):
-    """Mean next-token cross-entropy over the real tokens of a text-only batch ids [B, T] (real
-    [B, T]: False on right padding, which attention skips), positions 0.. on all three M-RoPE axes
-    as Qwen2.5-VL gives text; and the logits [B, T-1, V]."""
+def text_loss(cfg, text_params, ids_bt, real_bt, counted_bt):
+    """Mean next-token cross-entropy of a text-only batch ids [B, T] over the targets counted_bt
+    [B, T-1] (real [B, T]: False on right padding, which attention skips), positions 0.. on all
+    three M-RoPE axes as Qwen2.5-VL gives text; and the logits [B, T-1, V]."""
     b, t = ids_bt.shape[0], ids_bt.shape[1] - 1
     order_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden = text.decode_hidden(cfg, text_params, text_params.embed_vd[ids_bt[:, :-1]],
@@ -184,7 +184,6 @@ def text_loss(cfg, text_params, ids_bt, real_bt):
                                 real_bt[:, :-1].astype(jnp.int32), order_bt)
     logits_btv = text.logits(text_params, hidden)
     nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, ids_bt[:, 1:])
-    counted_bt = real_bt[:, 1:]
     return jnp.sum(jnp.where(counted_bt, nll_bt, 0.0)) / jnp.maximum(jnp.sum(counted_bt), 1), logits_btv
 
 
@@ -198,15 +197,18 @@ class LMTrainer:
         length = -(-(max(len(ids) for ids, _ in chunks) - 1) // 64) * 64 + 1  # inputs: a multiple of 64 tokens
         return padded_rows(chunks, length, self.pad_id)
 
-    def train(self, text_params, chunks, steps: int, lr: float, rng: np.random.Generator, name: str):
-        """(trained text params, loss curve): `steps` updates on batches drawn from `chunks`."""
+    def train(self, text_params, chunks, steps: int, lr: float, rng: np.random.Generator, name: str,
+              counted_nt=None):
+        """(trained text params, loss curve): `steps` updates on batches drawn from `chunks`, the loss
+        over every real target or, given a function of the padded ids [N, T], over its targets [N, T-1]."""
         ids_nt, _, real_nt = self.rows(chunks)
+        counted_nt = real_nt[:, 1:] if counted_nt is None else counted_nt(ids_nt[:, 1:]) & real_nt[:, 1:]
         tx = step.optimizer(step.OptimConfig(lr=lr, warmup_steps=steps // 20, total_steps=steps))
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def update(text_params, opt_state, ids_bt, real_bt):
+        def update(text_params, opt_state, ids_bt, real_bt, counted_bt):
             (loss, _), grads = jax.value_and_grad(functools.partial(text_loss, self.cfg), has_aux=True)(
-                text_params, ids_bt, real_bt)
+                text_params, ids_bt, real_bt, counted_bt)
             updates, opt_state = tx.update(grads, opt_state, text_params)
             return optax.apply_updates(text_params, updates), opt_state, loss
 
@@ -214,7 +216,8 @@ class LMTrainer:
         curve, started = [], time.perf_counter()
         for i in range(steps):
             picks = rng.integers(0, len(ids_nt), self.batch)
-            text_params, opt_state, loss = update(text_params, opt_state, ids_nt[picks], real_nt[picks])
+            text_params, opt_state, loss = update(text_params, opt_state, ids_nt[picks], real_nt[picks],
+                                                  counted_nt[picks])
             if (i + 1) % 50 == 0:
                 curve.append({"step": i + 1, "loss": float(loss), "time_s": time.perf_counter() - started})
                 print(f"{name} pretraining step {i + 1:5d}  loss {float(loss):.4f}", flush=True)
@@ -222,7 +225,7 @@ class LMTrainer:
 
     def held_out(self, text_params, tok: Tokenizer, chunks) -> dict:
         """Mean loss and the accuracy of the labelled score-number tokens (next-token argmax)."""
-        predict = jax.jit(lambda p, ids_bt, real_bt: text_loss(self.cfg, p, ids_bt, real_bt))
+        predict = jax.jit(lambda p, ids_bt, real_bt: text_loss(self.cfg, p, ids_bt, real_bt, real_bt[:, 1:]))
         ids_nt, labels_nt, real_nt = self.rows(chunks)
         losses, right, counted = [], 0, 0
         for first in range(0, len(ids_nt), self.batch):
@@ -263,8 +266,13 @@ def make_pretrained(work: Path, tokenizer_dir: Path, init_dir: Path, args) -> tu
         if steps == 0:
             continue
         started = time.perf_counter()
-        text_params, curve = trainer.train(text_params, corpora[name](TEXT_SEEDS, 64), steps, args.lr, rng, name)
+        # Chat rows without frames: the loss on every token taught the model to name the team from
+        # the context (README); on the score numbers alone it can only teach copying the score.
+        counted = functools.partial(score_number_mask, tok) if name == "chat" and args.chat_loss == "scores" else None
+        text_params, curve = trainer.train(text_params, corpora[name](TEXT_SEEDS, 64), steps, args.lr, rng, name,
+                                           counted)
         report[name] = {"steps": steps, "batch": args.text_batch, "wall_s": time.perf_counter() - started,
+                        "loss_on": "all" if counted is None else "score numbers",
                         "loss_curve": curve,
                         "held_out": {fmt_name: trainer.held_out(text_params, tok, rows)
                                      for fmt_name, rows in held_out.items()}}
@@ -425,6 +433,8 @@ def main() -> None:
     parser.add_argument("--chat-steps", type=int, default=0,
                         help="chat-format text pretraining steps after the plain ones (0: none; 100 made the"
                              " model name one team for every event, see the README)")
+    parser.add_argument("--chat-loss", choices=("all", "scores"), default="all",
+                        help="chat-format targets with a loss: every token, or the score numbers only")
     parser.add_argument("--text-chunks", type=int, default=40, help="chat-format chunks drawn per text match")
     parser.add_argument("--text-minutes", type=int, default=40, help="minutes of commentary per text match")
     parser.add_argument("--chunk-seconds", type=int, default=16)

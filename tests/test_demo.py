@@ -76,3 +76,28 @@ def test_score_number_and_goal_masks_mark_only_the_numbers_of_stated_scores_and_
 
     assert marked_runs(score_number_mask(tok, ids)[0]) == ["12", "three", "twenty one", "30"]
     assert marked_runs(goal_statement_mask(tok, ids)[0]) == ["Goal for Red! Score twenty one to 30"]
+
+
+def test_text_loss_is_the_models_cross_entropy_over_the_counted_targets():
+    """train_demo's text-only LM loss against the full model's forward (the HF-exact path) on random
+    right-padded rows, counting a random subset of the targets."""
+    import jax.numpy as jnp
+
+    import svlm_jax
+    from experiments.train_demo import text_loss
+
+    model, _ = demo.load_model()
+    rng = np.random.default_rng()
+    ids_bt = rng.integers(0, model.config.text.vocab_size, (2, 24)).astype(np.int32)
+    real_bt = np.ones(ids_bt.shape, bool)
+    real_bt[1, 17:] = False
+    counted_bt = rng.random((2, 23)) < 0.5
+    counted_bt[0, 0] = True
+    counted_bt &= real_bt[:, 1:]
+    loss, logits_btv = text_loss(model.config.text, model.params.text, jnp.asarray(ids_bt), jnp.asarray(real_bt),
+                                 jnp.asarray(counted_bt))
+    oracle_btv = np.asarray(svlm_jax.forward(model, ids_bt, attention_mask=real_bt.astype(np.int32)))[:, :-1]
+    np.testing.assert_allclose(np.asarray(logits_btv)[real_bt[:, :-1]], oracle_btv[real_bt[:, :-1]], atol=2e-5, rtol=1e-5)
+    log_p = oracle_btv - np.log(np.exp(oracle_btv).sum(-1, keepdims=True))
+    nll_bt = -np.take_along_axis(log_p, ids_bt[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(float(loss), nll_bt[counted_bt].mean(), rtol=1e-5)
