@@ -151,24 +151,22 @@ def score_number_mask(tok: Tokenizer, ids_bt: np.ndarray) -> np.ndarray:
     full_stop = np.isin(ids_bt, tok.encode("."))
     alphanumeric = np.asarray([any(c.isalnum() for c in tok.decode([i])) for i in range(tok.vocab_size)])
     counted = alphanumeric[ids_bt] & ~score_word & ~to_word
-    # inside a statement: a "Score" token seen since the last full stop
-    mask = np.zeros(ids_bt.shape, bool)
-    inside = np.zeros(ids_bt.shape[0], bool)
-    for t in range(ids_bt.shape[1]):
-        inside = (inside | score_word[:, t]) & ~full_stop[:, t]
-        mask[:, t] = inside & counted[:, t]
-    return mask
+    return _from_word_to_full_stop(score_word, full_stop) & counted
 
 
 def goal_statement_mask(tok: Tokenizer, ids_bt: np.ndarray) -> np.ndarray:
     """True from a "Goal" token to the next full stop: the goal's sentence, whose score adds one
     to the previous statement's ("Goal for Red! Score two to one.")."""
     goal_word = np.isin(ids_bt, [tok.encode(" Goal")[-1], tok.encode("Goal")[-1]])
-    full_stop = np.isin(ids_bt, tok.encode("."))
-    mask = np.zeros(ids_bt.shape, bool)
-    inside = np.zeros(ids_bt.shape[0], bool)
-    for t in range(ids_bt.shape[1]):
-        inside = (inside | goal_word[:, t]) & ~full_stop[:, t]
+    return _from_word_to_full_stop(goal_word, np.isin(ids_bt, tok.encode(".")))
+
+
+def _from_word_to_full_stop(word_bt: np.ndarray, full_stop_bt: np.ndarray) -> np.ndarray:
+    """[B, T] True from each `word` token up to (not including) the next full stop."""
+    mask = np.zeros(word_bt.shape, bool)
+    inside = np.zeros(word_bt.shape[0], bool)
+    for t in range(word_bt.shape[1]):
+        inside = (inside | word_bt[:, t]) & ~full_stop_bt[:, t]
         mask[:, t] = inside
     return mask
 
