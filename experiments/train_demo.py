@@ -17,7 +17,8 @@ itself resumes from its latest checkpoint):
   5. train      overlapped-chunk SFT (`svlm_jax.train.run.main_train`) on a generated TOML config
   6. export     float32 HF checkpoint into svlm_jax/assets/demo_model/
   7. evaluate   stream the held-out seed `demo.DEMO_SEED` through StreamingSession as the demo does
-                and score it with the synth scorer; record the demo's first seconds for the tests
+                and score it with the synth scorer; score copying teacher-forced, and on the text
+                pretraining's held-out rows (what SFT kept of it); record the demo's first seconds for the tests
 """
 
 from __future__ import annotations
@@ -237,6 +238,29 @@ class LMTrainer:
         return {"loss": float(np.mean(losses)), "score_tokens": counted, "score_token_accuracy": right / max(counted, 1)}
 
 
+def text_corpora(tok: Tokenizer, fmt: data.ChatFormat, spec: data.ChunkSpec, args, rng: np.random.Generator):
+    """{format: function of (match seeds, stride) -> text rows}. Plain: dense, short rows, where copying
+    the last score is learned cheaply. Chat: the SFT's layout without frames, whose turn tokens
+    between two statements break plain-text copying until trained on."""
+    return {
+        "plain": lambda seeds, stride: [w for s in seeds for w in commentary_windows(tok, s, args.text_minutes,
+                                                                                      args.text_length + 1, stride)],
+        "chat": lambda seeds, _: [c for s in seeds for c in commentary_chunks(fmt, spec, s, args.text_minutes,
+                                                                                args.text_chunks, rng)]}
+
+
+def text_after_sft(model_dir: Path, args) -> dict:
+    """The trained model's LM on the text pretraining's held-out rows (the same rows: the rng is
+    replayed): how much of the score copying learned from text survives SFT."""
+    tok = Tokenizer.from_pretrained(model_dir)
+    fmt = data.ChatFormat.from_tokenizer(tok, model_dir)
+    model = svlm_jax.load_pretrained(model_dir, "float32")
+    trainer = LMTrainer(model.config.text, fmt.pad_id, args.text_batch)
+    corpora = text_corpora(tok, fmt, chunk_spec(args), args, np.random.default_rng(args.seed))
+    return {name: trainer.held_out(model.params.text, tok, corpus(TEXT_HELD_OUT_SEEDS, args.text_length))
+            for name, corpus in corpora.items()}
+
+
 def make_pretrained(work: Path, tokenizer_dir: Path, init_dir: Path, args) -> tuple[Path, dict]:
     """Stage 4: next-token training of the LM on commentary text, first as plain text, then in the
     chat format without frames; returns its HF directory and a report (per phase: loss curve, time,
@@ -251,13 +275,7 @@ def make_pretrained(work: Path, tokenizer_dir: Path, init_dir: Path, args) -> tu
     model = svlm_jax.load_pretrained(init_dir, "float32")
     rng = np.random.default_rng(args.seed)
     trainer = LMTrainer(model.config.text, fmt.pad_id, args.text_batch)
-    # Plain: dense, short rows, where copying the last score is learned cheaply. Chat: the SFT's
-    # layout, whose turn tokens between two statements break plain-text copying until trained on.
-    corpora = {
-        "plain": lambda seeds, stride: [w for s in seeds for w in commentary_windows(tok, s, args.text_minutes,
-                                                                                      args.text_length + 1, stride)],
-        "chat": lambda seeds, _: [c for s in seeds for c in commentary_chunks(fmt, spec, s, args.text_minutes,
-                                                                                args.text_chunks, rng)]}
+    corpora = text_corpora(tok, fmt, spec, args, rng)
     held_out = {name: corpus(TEXT_HELD_OUT_SEEDS, args.text_length) for name, corpus in corpora.items()}
     text_params, report = model.params.text, {}
     for name, steps in (("plain", args.text_steps), ("chat", args.chat_steps)):
@@ -267,7 +285,7 @@ def make_pretrained(work: Path, tokenizer_dir: Path, init_dir: Path, args) -> tu
         # Chat rows without frames: the loss on every token taught the model to name the team from
         # the context (README); on the score numbers alone it can only teach copying the score.
         counted = functools.partial(score_number_mask, tok) if name == "chat" and args.chat_loss == "scores" else None
-        text_params, curve = trainer.train(text_params, corpora[name](TEXT_SEEDS, 64), steps, args.lr, rng, name,
+        text_params, curve = trainer.train(text_params, corpora[name](TEXT_SEEDS, 64), steps, args.text_lr, rng, name,
                                            counted)
         report[name] = {"steps": steps, "batch": args.text_batch, "wall_s": time.perf_counter() - started,
                         "loss_on": "all" if counted is None else "score numbers",
@@ -324,6 +342,7 @@ out_dir = "{work / 'run'}"
 steps = {args.steps}
 batch_size = {args.batch_size}
 lr = {args.lr}
+vision_lr = {args.vision_lr}
 warmup_ratio = 0.03
 clip_norm = 1.0
 log_every = 10
@@ -439,7 +458,9 @@ def main() -> None:
     parser.add_argument("--overlap-seconds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--text-lr", type=float, default=2e-3, help="peak learning rate of text pretraining")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the LM in SFT")
+    parser.add_argument("--vision-lr", type=float, default=2e-3, help="peak learning rate of the vision tower in SFT")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
     parser.add_argument("--eval-seconds", type=int, default=300, help="seconds of the held-out seed scored")
     parser.add_argument("--record-seconds", type=int, default=20, help="seconds recorded for the tests")
@@ -462,7 +483,8 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     main_export(work / "run", out)
-    evaluation = {**evaluate(out, args.eval_seconds), "teacher_forced": teacher_forced_scores(out, work)}
+    evaluation = {**evaluate(out, args.eval_seconds), "teacher_forced": teacher_forced_scores(out, work),
+                  "text_held_out_after_sft": text_after_sft(out, args)}
     record_outputs(out, args.record_seconds)
 
     log = [json.loads(line) for line in (work / "run" / "log.jsonl").open()]

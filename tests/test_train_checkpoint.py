@@ -133,6 +133,7 @@ def test_config_errors_name_the_field(tmp_path, stream_tokenizer, synth_jsonl):
              "missing required field(s) steps": good.replace("steps = 4", ""),
              "lr must be float": good.replace("lr = 1e-3", 'lr = "fast"'),
              "[mesh]: unknown field(s) pipeline": good + "[mesh]\npipeline = 2\n",
+             "vision_lr needs model.freeze_vision = false": good.replace("lr = 1e-3", "lr = 1e-3\nvision_lr = 1e-2"),
              "exactly one of pretrained or preset": good.replace('preset = "tiny"', "")}
     for message, text in cases.items():
         path = tmp_path / "bad.toml"

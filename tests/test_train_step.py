@@ -117,6 +117,29 @@ def test_accumulation_equals_big_batch_and_vision_stays_frozen(stream_tokenizer)
     assert len(jax.tree.leaves(s1.opt_state)) == 2 * n_text + 2
 
 
+def test_vision_lr_is_the_towers_own_adamw_learning_rate(stream_tokenizer):
+    """One step with (lr, vision_lr) moves the LM as AdamW at lr and the tower as AdamW at vision_lr."""
+    cfg = model_config(stream_tokenizer)
+    chunks, pad = random_chunks(stream_tokenizer, cfg, seed=int(np.random.default_rng().integers(1000)), n=1)
+    params, batch = random_params(cfg, seed=4), make_batch(cfg, chunks, pad, 1)
+    lr, vision_lr = float(np.random.default_rng().uniform(1e-4, 1e-3)), 3e-3
+    common = dict(warmup_steps=0, total_steps=10, weight_decay=0.1)
+
+    def one_step(**optim):
+        spec = step.StepSpec(cfg, step.OptimConfig(**common, **optim), compute_dtype="float32", freeze_vision=False,
+                             remat=False)
+        return jax.jit(step.train_step, static_argnums=0)(spec, step.init_state(spec, params), batch)[0].params
+
+    split, text_only, vision_only = one_step(lr=lr, vision_lr=vision_lr), one_step(lr=lr), one_step(lr=vision_lr)
+    for got, want in ((split.text, text_only.text), (split.vision, vision_only.vision)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # the two rates really differ: the tower moved by more than it would have at lr
+    moved = lambda p: sum(float(np.abs(np.asarray(a) - np.asarray(b)).sum())
+                          for a, b in zip(jax.tree.leaves(p.vision), jax.tree.leaves(params.vision)))
+    assert moved(split) > 2 * moved(text_only)
+
+
 def test_schedule_warmup_then_cosine():
     lr = step.schedule(step.OptimConfig(lr=2.0, warmup_steps=2, total_steps=6))
     # warmup 0 -> 2 over 2 steps, then half a cosine over the remaining 4 steps

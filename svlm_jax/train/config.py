@@ -26,7 +26,8 @@
   steps          (required) optimizer updates in the whole run
   batch_size     chunks per micro-batch over all devices, default 1
   grad_accum     micro-batches per update, default 1
-  lr 1e-5; warmup_ratio 0.03; weight_decay 0.0; adam_b1 0.9; adam_b2 0.999; clip_norm 1.0
+  lr 1e-5; vision_lr 0 (the vision tower's peak learning rate, only with freeze_vision = false;
+                 0: lr); warmup_ratio 0.03; weight_decay 0.0; adam_b1 0.9; adam_b2 0.999; clip_norm 1.0
   log_every      steps between progress lines / log records, default 1
 [mesh]
   data -1 (all devices the other axes leave); fsdp 1; tensor 1
@@ -90,6 +91,7 @@ class TrainSection:
     grad_accum: int = 1
     # Optimizer defaults are OptimConfig's (one definition); warmup is a ratio of `steps` here.
     lr: float = OptimConfig.lr
+    vision_lr: float = OptimConfig.vision_lr
     warmup_ratio: float = 0.03
     weight_decay: float = OptimConfig.weight_decay
     adam_b1: float = OptimConfig.b1
@@ -206,7 +208,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     non_negative = {"data.overlap_seconds": d.overlap_seconds, "data.text_sink": d.text_sink,
                     "data.text_window": d.text_window, "data.min_pixels": d.min_pixels,
                     "data.max_pixels": d.max_pixels, "data.workers": d.workers, "data.seed": d.seed,
-                    "train.weight_decay": t.weight_decay, "model.init_seed": m.init_seed}
+                    "train.weight_decay": t.weight_decay, "train.vision_lr": t.vision_lr,
+                    "model.init_seed": m.init_seed}
     problems += [f"{k} must be >= 0" for k, v in non_negative.items() if v < 0]
     if d.overlap_seconds >= d.chunk_seconds:
         problems.append("data: overlap_seconds must be smaller than chunk_seconds")
@@ -214,6 +217,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
         problems.append("data: buckets need tokens >= 1 and patches a multiple of 4 (2x2-merged patches)")
     if not t.lr > 0 or not 0 <= t.warmup_ratio < 1 or not t.clip_norm > 0:
         problems.append("train: need lr > 0, 0 <= warmup_ratio < 1, clip_norm > 0")
+    if t.vision_lr and m.freeze_vision:
+        problems.append("train: vision_lr needs model.freeze_vision = false (a frozen tower is not trained)")
     if not (0 <= t.adam_b1 < 1 and 0 <= t.adam_b2 < 1):
         problems.append("train: adam_b1 and adam_b2 must lie in [0, 1)")
     if cfg.mesh.data < 1 and cfg.mesh.data != -1 or cfg.mesh.fsdp < 1 or cfg.mesh.tensor < 1:

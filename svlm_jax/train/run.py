@@ -116,7 +116,8 @@ def main_train(config_path: str | Path, *, max_steps: int | None = None) -> int:
                                 workers=d.workers, prefetch=d.prefetch, process_index=jax.process_index(),
                                 process_count=jax.process_count())
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    optim = step.OptimConfig(lr=t.lr, warmup_steps=round(t.warmup_ratio * t.steps), total_steps=t.steps,
+    optim = step.OptimConfig(lr=t.lr, vision_lr=t.vision_lr, warmup_steps=round(t.warmup_ratio * t.steps),
+                             total_steps=t.steps,
                              weight_decay=t.weight_decay, b1=t.adam_b1, b2=t.adam_b2, clip_norm=t.clip_norm)
     spec = step.StepSpec(model.config, optim, cfg.model.compute_dtype, cfg.model.freeze_vision, cfg.model.remat)
     shardings = step.state_shardings(spec, model.params, mesh)

@@ -6,7 +6,8 @@ one big batch). Master weights stay in `param_dtype` (float32 by default); the f
 to `compute_dtype` (bfloat16 by default). With `freeze_vision` (the default) only the LM is
 differentiated and optimized: the vision tower gets neither gradients nor optimizer state.
 Optimizer: global-norm clipping, then AdamW (weight decay on matrices and embeddings, not on
-norms or biases) with linear warmup and cosine decay to 0.
+norms or biases) with linear warmup and cosine decay to 0; the vision tower, when trained, may
+have its own peak learning rate (`vision_lr`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from svlm_jax.train.data import IGNORE, vision_layouts
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-5
+    vision_lr: float = 0.0  # the vision tower's peak learning rate when it is trained; 0: lr
     warmup_steps: int = 0
     total_steps: int = 1000
     weight_decay: float = 0.0
@@ -88,9 +90,20 @@ def _decayed(tree):
         lambda path, _: not any(s in path[-1].name for s in ("norm", "_b_")), tree)
 
 
+def _vision_leaves(tree):
+    """True on the vision tower's leaves of a trainable tree (Params, or the LM's alone)."""
+    if isinstance(tree, Params):
+        return Params(vision=jax.tree.map(lambda _: True, tree.vision), text=jax.tree.map(lambda _: False, tree.text))
+    return jax.tree.map(lambda _: False, tree)
+
+
 def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    # AdamW's update is lr * (normalized moment + weight_decay * w), linear in lr, so scaling the
+    # vision tower's updates by vision_lr / lr gives it exactly its own peak learning rate.
+    vision_scale = (cfg.vision_lr or cfg.lr) / cfg.lr
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decayed))
+                       optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decayed),
+                       optax.masked(optax.scale(vision_scale), _vision_leaves))
 
 
 def trainable(spec: StepSpec, params: Params):
