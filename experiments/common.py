@@ -24,11 +24,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+def uncommitted_changes() -> list[str] | None:
+    """Tracked files that differ from the commit (the numbers may not be the commit's); None when
+    unknown (SVLM_COMMIT set, or no git)."""
+    if os.environ.get("SVLM_COMMIT"):
+        return None
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, check=True, cwd=Path(__file__).parent).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sorted(line[3:] for line in status.splitlines())
+
+
 def environment() -> dict:
-    commit = git_commit()
     dev = jax.devices()[0]
     return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-            "python": platform.python_version(), "host": platform.machine(), "commit": commit}
+            "python": platform.python_version(), "host": platform.machine(), "commit": git_commit(),
+            "uncommitted_changes": uncommitted_changes()}
 
 
 def device_tag() -> str:

@@ -162,6 +162,21 @@ def goal_statement_mask(tok: Tokenizer, ids_bt: np.ndarray) -> np.ndarray:
     return _from_word_to_full_stop(goal_word, np.isin(ids_bt, tok.encode(".")))
 
 
+def previous_other_number(tok: Tokenizer, ids_t: np.ndarray) -> np.ndarray:
+    """[T]: at the numbers of each single-token score statement "Score h to a", the other number of
+    the statement before it (its a at h, its h at a); -1 elsewhere. A recap predicting it has copied
+    the right statement's wrong slot: home and away swapped."""
+    score = np.isin(ids_t, [tok.encode(" Score")[-1], tok.encode("Score")[-1]])
+    to_id = tok.encode(" to")[-1]
+    other_t, previous = np.full(len(ids_t), -1), None
+    for i in np.nonzero(score[:-3])[0]:
+        if ids_t[i + 2] == to_id:
+            if previous is not None:
+                other_t[i + 1], other_t[i + 3] = previous[1], previous[0]
+            previous = ids_t[i + 1], ids_t[i + 3]
+    return other_t
+
+
 def _from_word_to_full_stop(word_bt: np.ndarray, full_stop_bt: np.ndarray) -> np.ndarray:
     """[B, T] True from each `word` token up to (not including) the next full stop."""
     mask = np.zeros(word_bt.shape, bool)
@@ -403,6 +418,7 @@ def teacher_forced_scores(model_dir: Path, work: Path) -> dict:
     spec = data.ChunkSpec(chunk_seconds=demo.STREAM.text_rounds, overlap_seconds=0,
                           text_sink=demo.STREAM.text_sink, text_window=demo.STREAM.text_window)
     right, total = {"goal": 0, "recap": 0}, {"goal": 0, "recap": 0}
+    swapped = 0
     for sample in data.read_samples(held_out / "samples.jsonl"):
         n = len(data.sample_rounds(sample, spec))
         for start in range(0, n, spec.chunk_seconds):
@@ -420,11 +436,14 @@ def teacher_forced_scores(model_dir: Path, work: Path) -> dict:
             for kind, kind_mask in (("goal", mask & goal), ("recap", mask & ~goal)):
                 right[kind] += int((predicted == targets)[kind_mask].sum())
                 total[kind] += int(kind_mask.sum())
+            other = previous_other_number(tok, chunk.ids_t)[1:]
+            swapped += int((mask & ~goal & (predicted != targets) & (predicted == other)).sum())
     n_right, n_total = sum(right.values()), sum(total.values())
     return {"seeds": list(TEACHER_FORCED_SEEDS), "score_tokens": n_total, "score_token_accuracy": n_right / max(n_total, 1),
             # recaps only copy the previous statement; goals also add one to it
             **{f"{kind}_score_tokens": total[kind] for kind in total},
-            **{f"{kind}_score_token_accuracy": right[kind] / max(total[kind], 1) for kind in total}}
+            **{f"{kind}_score_token_accuracy": right[kind] / max(total[kind], 1) for kind in total},
+            "recap_errors": total["recap"] - right["recap"], "recap_errors_home_away_swapped": swapped}
 
 
 def record_outputs(model_dir: Path, seconds: int) -> None:

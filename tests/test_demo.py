@@ -78,6 +78,20 @@ def test_score_number_and_goal_masks_mark_only_the_numbers_of_stated_scores_and_
     assert marked_runs(goal_statement_mask(tok, ids)[0]) == ["Goal for Red! Score twenty one to 30"]
 
 
+def test_previous_other_number_is_the_other_slot_of_the_statement_before():
+    from experiments.train_demo import previous_other_number
+    from svlm_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(demo.DEMO_MODEL_DIR)
+    words = ["Score two to one.", "Red passes.", "Score four to three.", "Goal for Red!", "Score five to three."]
+    ids = np.asarray(tok.encode(" ".join(words)))
+    other = previous_other_number(tok, ids)
+    # the second statement's numbers face the first's other numbers; the third's face the second's
+    assert [(tok.decode([int(ids[i])]).strip(), tok.decode([int(other[i])]).strip())
+            for i in np.nonzero(other >= 0)[0]] == [("four", "one"), ("three", "two"), ("five", "three"),
+                                                    ("three", "four")]
+
+
 def test_text_loss_is_the_models_cross_entropy_over_the_counted_targets():
     """train_demo's text-only LM loss against the full model's forward (the HF-exact path) on random
     right-padded rows, counting a random subset of the targets."""
