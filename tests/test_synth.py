@@ -87,8 +87,10 @@ def test_stated_score_matches_the_goals_so_far_and_recaps_come_every_period(hour
                 goals[event.team] += 1
         facts = parse_facts(truth.text)
         for fact in facts:
-            # Home first: the words say "Score <home> to <away>".
+            # Home first: the words say "Score <home> to <away>"; a goal names its scorer's side.
             assert fact.score == (tuple(goals) if fact.kind in ("goal", "recap") else None), truth.text
+            scorer = [e.team for e in record.events if e.kind == "goal"]
+            assert fact.side == ((["home", "away"][scorer[0]]) if fact.kind == "goal" else ""), truth.text
             checked[fact.kind] += 1
         # A recap each RECAP_PERIOD_SECONDS from the first period's end, after the second's event,
         # except where a goal states the score anyway.
@@ -256,19 +258,24 @@ def test_scorer_accepts_truth_and_rejects_wrong_teams_and_numbers(hour):
     home, away = teams
     home_goals, away_goals = goal.facts[0].score
     scorer, other = goal.facts[0].team, (away if goal.facts[0].team == home else home)
+    side, other_side = ("home", "away") if scorer == home else ("away", "home")
+    said_for = f"Goal for {scorer}, the {side} side!"
 
     def judge(text):
         return score_commentary([text], [goal])[0]
 
+    assert goal.text.startswith(said_for)
     assert judge(goal.text.upper().replace("!", "").replace(".", " ...")).correct
-    assert judge(f"Oh! goal for {scorer}! Score {home_goals} to {away_goals}, what a strike").correct
+    assert judge(f"Oh! goal for {scorer}, the {side} side! Score {home_goals} to {away_goals}, what a strike").correct
     assert not judge(goal.text.replace(f"for {scorer}", f"for {other}")).events_correct
     assert f"Score {number_words(home_goals)} to {number_words(away_goals)}." in goal.text
     for wrong in [(home_goals + 1, away_goals), (away_goals, home_goals) if home_goals != away_goals else (0, 0)]:
-        for wrong_score in (f"Goal for {scorer}! Score {wrong[0]} to {wrong[1]}.",
-                            f"Goal for {scorer}! Score {number_words(wrong[0])} to {number_words(wrong[1])}."):
+        for wrong_score in (f"{said_for} Score {wrong[0]} to {wrong[1]}.",
+                            f"{said_for} Score {number_words(wrong[0])} to {number_words(wrong[1])}."):
             assert judge(wrong_score).events_correct and judge(wrong_score).score_correct is False
-    assert judge(f"Goal for {scorer}!").score_correct is False  # the score left out
+    wrong_side = goal.text.replace(f"the {side} side", f"the {other_side} side")
+    assert judge(wrong_side).events_correct and judge(wrong_side).score_correct is False
+    assert judge(f"{said_for}").score_correct is False  # the score left out
     assert not judge("...").correct
 
     silent = next(t for t in truths if not t.facts)
