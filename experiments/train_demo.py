@@ -430,6 +430,8 @@ def teacher_forced_scores(model_dir: Path, samples: Path, seconds: int = 360) ->
     swapped = 0
     left = seconds
     for sample in (sample for sample in data.read_samples(samples) if sample.previous):
+        if left == 0:
+            break
         n = min(len(data.sample_rounds(sample, spec)), left)
         left -= n
         for start in range(0, n, spec.chunk_seconds):
