@@ -437,7 +437,8 @@ class LoadGroup:
 
     def __call__(self, group: tuple[int, ...]) -> dict[str, np.ndarray]:
         plan = self.plan
-        bucket = plan.buckets[plan.refs[group[0]].bucket]
+        # group_order carries a bucket's leftovers into the next larger one: pad to the largest.
+        bucket = plan.buckets[max(plan.refs[i].bucket for i in group)]
         per_micro = len(group) // self.grad_accum
         local = per_micro // self.process_count
         micro = []
