@@ -193,9 +193,11 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames per second given to the model, a multiple of 2 (default: %(default)s, the rate "
                              "the model was trained on)")
     parser.add_argument("--query", default=DEFAULT_STREAM.query,
-                        help="instruction given with the first second (default: %(default)r)")
+                        help="instruction given with the first second, unless the stream continues from "
+                             "--previous-text (default: %(default)r)")
     parser.add_argument("--previous-text", default="", metavar="TEXT",
-                        help="context the commentary continues from, e.g. the story so far of the match")
+                        help="context the commentary continues from, e.g. the story so far of the match; the "
+                             "stream continues one that began before, so it gets no --query (as in training)")
     parser.add_argument("--vtt", metavar="OUT.vtt", help="also write the commentary as WebVTT subtitles")
     parser.add_argument("--jsonl", metavar="OUT.jsonl",
                         help='also write one JSON line per second: {"start": s, "end": s, "text": ...}')

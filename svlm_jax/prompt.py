@@ -5,7 +5,7 @@ A stream is, in token order:
   previous text     <|im_start|>previous text\\n {earlier commentary ...}<|im_end|>\\n
   round k           <|im_start|>user\\nTime={a:.1f}-{b:.1f}s<|vision_start|><|video_pad|>*N<|vision_end|>{query}<|im_end|>\\n
                     <|im_start|>assistant\\n{commentary} ...<|im_end|>\\n
-The query appears in round 0 only. Commentary for a second is its words each preceded by a space,
+The query appears in round 0 of a stream's true start only (`round_query`). Commentary for a second is its words each preceded by a space,
 so a silent second is just " ..."; the commentary (without " ...") is what later moves into the
 previous-text block. Each piece is tokenized on its own: special tokens and the leading space of
 commentary are natural token boundaries, so concatenated pieces equal the tokenized whole.
@@ -57,6 +57,14 @@ def previous_footer(ct: ChatTokens) -> list[int]:
 
 def time_label(t_start: float, t_end: float) -> str:
     return f"Time={t_start:.1f}-{t_end:.1f}s"
+
+
+def round_query(query: str | None, round_index: int, has_previous: bool) -> str | None:
+    """The query of round `round_index`: asked in round 0 of a stream without previous text only.
+    Previous text means the stream began earlier (a later clip of a training stream, a session
+    resumed from its transcript), where the query was already asked. Training and the engine
+    both place it here, so a session started with previous text sees what SFT trained on."""
+    return query if round_index == 0 and not has_previous and query else None
 
 
 def user_turn(ct: ChatTokens, encode: Encode, t_start: float, t_end: float, query: str | None

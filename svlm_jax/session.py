@@ -49,7 +49,7 @@ class StreamConfig:
     sampling: sampling.SamplingConfig = sampling.SamplingConfig()
     pos_mode: str = "contiguous"
     previous_text: str = ""
-    query: str = prompt.QUERY
+    query: str = prompt.QUERY  # asked in round 0 of a stream without previous text (prompt.round_query)
     system: str = prompt.SYSTEM
     scheme: str = "streaming"
     full_max_s: int = 600        # scheme "full": the memory budget, in seconds of video
@@ -308,7 +308,7 @@ class StreamingSession:
         for row in range(self.batch):
             if t_starts[row] is None:
                 continue
-            query = self.config.query if self._context_rounds[row] == 0 else None
+            query = prompt.round_query(self.config.query, int(self._context_rounds[row]), bool(self._previous[row]))
             b, a = prompt.user_turn(ct, enc, t_starts[row], t_ends[row], query)
             if len(b) > lay.before_cap:
                 raise ValueError(f"time label {prompt.time_label(t_starts[row], t_ends[row])} is too long")

@@ -41,7 +41,7 @@ class SlowStream:
         self.ct = prompt.ChatTokens.from_tokenizer(tokenizer.token_id, tokenizer.encode)
         self.enc = tokenizer.encode
         self.R, self.V, self.sink, self.window, self.max_new = text_rounds, vision_rounds, text_sink, text_window, max_new
-        self.query, self.span = query, resume_span
+        self.query, self.has_previous, self.span = query, bool(previous_text), resume_span
         head = prompt.system_block(self.ct, self.enc) + prompt.previous_header(self.ct, self.enc)
         prev = prompt.previous_text_ids(self.enc, previous_text)
         self.head = [Entry(t) for t in head]
@@ -131,7 +131,8 @@ class SlowStream:
             closing = ([*ct.end_marker, ct.im_end] if prev.tokens()[-1] != ct.im_end else []) + prompt.round_tail(ct)
             prev.closing = [Entry(t) for t in closing]
             new += prev.closing
-        before, after = prompt.user_turn(ct, self.enc, t_start, t_end, self.query if i == 0 else None)
+        before, after = prompt.user_turn(ct, self.enc, t_start, t_end,
+                                         prompt.round_query(self.query, i, self.has_previous))
         offsets = rope.vision_block_positions(0, grid, self.cfg.vision.spatial_merge_size, 1.0)
         entries = ([Entry(t) for t in before] + [Entry(ct.video_pad, tuple(int(v) for v in o)) for o in offsets]
                    + [Entry(t) for t in after])

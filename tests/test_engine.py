@@ -20,11 +20,12 @@ def random_second(rng):
     return rng.standard_normal((int(np.prod(GRID)), 1176)).astype(np.float32), np.array(GRID)
 
 
-@pytest.mark.parametrize("pos_mode", ["contiguous", "native"])
-def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rng, pos_mode):
+# Without previous text, round 0 carries the query (prompt.round_query).
+@pytest.mark.parametrize("pos_mode, previous_text", [("contiguous", "Red 1 Blue 0."), ("native", "")])
+def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rng, pos_mode, previous_text):
     tok = stream_tokenizer
     cfg = StreamConfig(text_rounds=8, vision_window_s=8, text_sink=64, text_window=64, max_new_tokens=6,
-                       sampling=GREEDY, pos_mode=pos_mode, previous_text="Red 1 Blue 0.")
+                       sampling=GREEDY, pos_mode=pos_mode, previous_text=previous_text)
     session = StreamingSession(stream_model, tok, cfg)
     ct = session.chat
     enc = tok.encode
@@ -40,7 +41,8 @@ def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rn
         session.step_batch([(rows, grid)], [float(r)], [float(r + 1)], collect_logits=True)
         out = session.last_output
         gen = [int(t) for t in np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])]]
-        before, after = prompt.user_turn(ct, enc, float(r), float(r + 1), cfg.query if r == 0 else None)
+        before, after = prompt.user_turn(ct, enc, float(r), float(r + 1),
+                                         prompt.round_query(cfg.query, r, bool(cfg.previous_text)))
         new = []
         if prev_gen is not None:
             if prev_gen[-1] != ct.im_end:
@@ -128,9 +130,9 @@ def test_policy_matches_slow_reference(stream_model, stream_tokenizer, rng):
         ended += gen[-1] == session.chat.im_end
         lay = session._spec.layout
         pre = np.asarray(out.prefill_logits_bqv)[0]
-        last = lay.close_len + lay.tail_len + lay.before_cap + lay.n_vision + lay.after_cap - 1
-        if i > 0:  # later rounds: after has no query, so its last token sits earlier
-            last -= lay.after_cap - len(prompt.user_turn(session.chat, stream_tokenizer.encode, 1.0, 2.0, None)[1])
+        n_after = len(prompt.user_turn(session.chat, stream_tokenizer.encode, 0.0, 1.0,
+                                       prompt.round_query(cfg.query, i, bool(cfg.previous_text)))[1])
+        last = lay.close_len + lay.tail_len + lay.before_cap + lay.n_vision + n_after - 1
         scale = scale or np.abs(logits_ref).max()
         assert np.abs(pre[last] - logits_ref).max() <= 1e-4 * scale, f"round {i}"
         view = session.cache_view()
@@ -224,7 +226,8 @@ def test_sliding_overlap_rebuilds_last_window(stream_model, stream_tokenizer, rn
         seq = (prompt.system_block(ct, enc) + prompt.previous_header(ct, enc)
                + prompt.previous_text_ids(enc, cfg.previous_text) + prompt.previous_footer(ct))
         for k in window:
-            before, after = prompt.user_turn(ct, enc, float(k), float(k + 1), cfg.query if k == window[0] else None)
+            before, after = prompt.user_turn(ct, enc, float(k), float(k + 1),
+                                             prompt.round_query(cfg.query, k - window[0], bool(cfg.previous_text)))
             seq += before + [ct.video_pad] * (int(np.prod(GRID)) // 4) + after
             if k != i:
                 gen = history[k][1]
@@ -233,7 +236,8 @@ def test_sliding_overlap_rebuilds_last_window(stream_model, stream_tokenizer, rn
                                           pixel_values_videos=np.concatenate([history[k][0] for k in window]),
                                           video_grid_thw=np.array([GRID] * len(window))))[0, -1]
         lay = session._spec.layout
-        n_after = len(prompt.user_turn(ct, enc, 0.0, 1.0, cfg.query if len(window) == 1 else None)[1])
+        n_after = len(prompt.user_turn(ct, enc, 0.0, 1.0,
+                                         prompt.round_query(cfg.query, len(window) - 1, bool(cfg.previous_text)))[1])
         last = lay.close_len + lay.tail_len + lay.before_cap + lay.n_vision + n_after - 1
         got = np.asarray(out.prefill_logits_bqv)[0, last]
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), f"second {i}"

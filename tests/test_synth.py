@@ -1,6 +1,7 @@
 """The synthetic never-ending match: determinism, pace, commentary consistency, frames, files, scorer."""
 
 import dataclasses
+import itertools
 import json
 import time
 from collections import Counter
@@ -219,12 +220,17 @@ def test_kickoff_fraction_moves_that_share_of_streams_to_the_kickoff():
 
 
 def test_stream_joining_late_carries_the_earlier_match_as_previous(tmp_path):
-    config = DatasetConfig(streams=3, minutes=1, first_seed=20, clip_seconds=30, start_minute_max=5)
+    # at a livelier pace than MatchConfig's default, which the streams must follow
+    lively = dict(goal_probability=0.8, save_probability=0.1, shot_weight=2.0, shooting_range=0.5)
+    config = DatasetConfig(streams=3, minutes=1, first_seed=20, clip_seconds=30, start_minute_max=5,
+                           pace=MatchConfig(seed=0, **lively))
     starts = [stream_start(config, seed) for seed in (20, 21, 22)]
     assert all(s % 60 == 0 and 0 <= s <= 300 for s in starts) and max(starts) > 0
     samples = [json.loads(line) for line in write_dataset(tmp_path, config).read_text().splitlines()]
     seed, first = max(zip(starts, (20, 21, 22)))[1], max(starts)
-    whole = stream_window(MatchConfig(seed=seed), 0, first + 60)
+    whole = stream_window(MatchConfig(seed=seed, **lively), 0, first + 60)
+    default_pace = itertools.islice(stream_seconds(MatchConfig(seed=seed), render_from=first + 60), first + 60)
+    assert [t.text for t in whole.truths] != [item.truth.text for item in default_pace]
     late = [s for s in samples if s["video"].endswith(f"{seed:05d}.mp4")]
     assert [(s["video_start"], s["video_end"]) for s in late] == [(0.0, 30.0), (30.0, 60.0)]
     for sample, clip_start in zip(late, (first, first + 30)):

@@ -5,6 +5,7 @@ the training chunk covering its retained seconds."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from svlm_jax.media.preprocess import VisionPreprocessConfig
 from svlm_jax.session import StreamConfig, StreamingSession
@@ -13,7 +14,9 @@ from svlm_jax.train.data import ChatFormat, ChunkSpec, Sample, chunk_from_frames
 WORDS = ["Red", "passes.", "Blue", "shoots!", "Goal", "for", "Red!", "Saved", "by", "Blue."]
 
 
-def test_replayed_stream_equals_training_chunk(stream_model, stream_tokenizer, stream_tokenizer_dir, rng):
+# A stream's true start (no previous text) asks the query in round 0; one with previous text does not.
+@pytest.mark.parametrize("previous", ["Goal for Red! Score 1 to 0.", ""])
+def test_replayed_stream_equals_training_chunk(stream_model, stream_tokenizer, stream_tokenizer_dir, rng, previous):
     n_seconds, rounds, sink, window = 11, 4, 5, 6
     words = []  # [start, end, word] with the end inside its second; some seconds silent
     for s in range(n_seconds):
@@ -21,7 +24,7 @@ def test_replayed_stream_equals_training_chunk(stream_model, stream_tokenizer, s
             end = s + 0.2 + 0.3 * j
             words.append((end - 0.1, end, str(rng.choice(WORDS))))
     sample = Sample(video=None, video_start=0.0, video_end=float(n_seconds), words=tuple(words),
-                    previous="Goal for Red! Score 1 to 0.")
+                    previous=previous)
     side = 56
     vision_cfg = VisionPreprocessConfig(min_pixels=side * side, max_pixels=side * side)
     frames = [rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8) for _ in range(n_seconds)]
@@ -30,16 +33,16 @@ def test_replayed_stream_equals_training_chunk(stream_model, stream_tokenizer, s
                                StreamConfig(text_rounds=rounds, vision_window_s=rounds, text_sink=sink,
                                             text_window=window, max_new_tokens=16, previous_text=sample.previous),
                                preprocess=vision_cfg)
+    fmt = ChatFormat.from_tokenizer(stream_tokenizer, stream_tokenizer_dir)
+    spec = ChunkSpec(chunk_seconds=rounds, overlap_seconds=0, text_sink=sink, text_window=window)
+    tail = len(session.chat.newline)  # the last round's "\n" arrives with the next second
     for s in range(n_seconds):
         said = " ".join(w for _, end, w in words if s <= end < s + 1)
         session.replay(frames[s], float(s), float(s + 1), said)
-
-    fmt = ChatFormat.from_tokenizer(stream_tokenizer, stream_tokenizer_dir)
-    spec = ChunkSpec(chunk_seconds=rounds, overlap_seconds=0, text_sink=sink, text_window=window)
-    chunk = chunk_from_frames(fmt, stream_model.config, spec, vision_cfg, sample, n_seconds - rounds,
-                              frames[n_seconds - rounds:])
-    tail = len(session.chat.newline)  # the last round's "\n" arrives with the next second
-    view = session.cache_view()
-    assert [c.token_id for c in view] == chunk.ids_t[:-tail].tolist()
-    assert np.array_equal(np.array([c.position for c in view]), chunk.positions_t3[:-tail])
+        if s + 1 in (rounds, n_seconds):  # the stream's first chunk, then its last
+            chunk = chunk_from_frames(fmt, stream_model.config, spec, vision_cfg, sample, s + 1 - rounds,
+                                      frames[s + 1 - rounds:s + 1])
+            view = session.cache_view()
+            assert [c.token_id for c in view] == chunk.ids_t[:-tail].tolist(), f"second {s}"
+            assert np.array_equal(np.array([c.position for c in view]), chunk.positions_t3[:-tail]), f"second {s}"
 

@@ -17,6 +17,7 @@ Each stream is cut into consecutive clips of `clip_seconds`, one JSONL line each
   previous     all commentary before video_start as one text (omitted for the first clip)
 """
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
@@ -63,7 +64,13 @@ class DatasetConfig:
     # cover `minutes` from there.
     start_minute_max: int = 0
     kickoff_fraction: float = 0.0
+    # The pace of every stream's match (its seed is replaced by the stream's): training data may
+    # play livelier than the matches a model is evaluated on, e.g. more goals per minute.
+    pace: MatchConfig = field(default_factory=lambda: MatchConfig(seed=0))
     render: RenderConfig = field(default_factory=RenderConfig)
+
+    def match(self, seed: int) -> MatchConfig:
+        return dataclasses.replace(self.pace, seed=seed)
 
 
 def stream_seconds(match_config: MatchConfig, render_config: RenderConfig = RenderConfig(),
@@ -146,8 +153,8 @@ def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
             first = stream_start(config, seed)
             video = Path("videos") / f"stream_{seed:05d}.mp4"
             truths: list[SecondTruth] = []  # from the match's second 0, filled while frames are encoded
-            items = islice(stream_seconds(MatchConfig(seed), config.render, render_from=first), first + seconds)
-            frames = chain([opening_frame(MatchConfig(seed), first, config.render)],
+            items = islice(stream_seconds(config.match(seed), config.render, render_from=first), first + seconds)
+            frames = chain([opening_frame(config.match(seed), first, config.render)],
                            _frames_recording_truths(items, truths))
             write_video(out_dir / video, frames, config.render.fps, config.render.height, config.render.width)
             for start in range(0, seconds, config.clip_seconds):

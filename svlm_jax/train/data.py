@@ -19,8 +19,8 @@ A stream is cut into chunks of `chunk_seconds` starting every `chunk_seconds - o
 Previous text = the sample's `previous` (as one commentary) then the commentary of every earlier
 second of the stream (each second tokenized on its own, as inference moves each round's generated
 text), cut by `prompt.truncate_previous` to the first `text_sink` and last `text_window` tokens.
-The query: the engine puts it in the first second it streams, so a chunk carries it in its round
-0 exactly when that round is second 0 of a sample without `previous` (a stream's true start).
+The query (`prompt.round_query`, which the engine follows too): a chunk carries it in its round 0
+exactly when that round is second 0 of a sample without `previous` (a stream's true start).
 Labels (aligned with the ids; IGNORE elsewhere): the assistant turns (content, " ...", <|im_end|>).
 
 Batches: every chunk is padded to the smallest `Bucket` (token and patch capacity) that holds it,
@@ -199,7 +199,8 @@ def sample_rounds(sample: Sample, spec: ChunkSpec) -> list[Round]:
         words[k] += answer.split()
     rounds = []
     for k in range(sample.n_seconds):
-        parts = ([spec.query] if k == 0 and not sample.previous and spec.query else []) + questions[k]
+        query = prompt.round_query(spec.query, k, bool(sample.previous))
+        parts = ([query] if query else []) + questions[k]
         t = sample.video_start + k
         rounds.append(Round(t, t + 1, " ".join(parts) or None, tuple(words[k])))
     return rounds
