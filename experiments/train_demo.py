@@ -96,7 +96,8 @@ def clip_texts(config: DatasetConfig) -> list[str]:
     """The commentary of each clip `write_dataset(config)` would write, simulated without rendering."""
     texts = []
     for seed in range(config.first_seed, config.first_seed + config.streams):
-        first, end = stream_start(config, seed), stream_start(config, seed) + config.minutes * 60
+        first = stream_start(config, seed)
+        end = first + config.minutes * 60
         truths = [item.truth for item in itertools.islice(stream_seconds(config.match(seed), render_from=end), end)]
         texts += [" ".join(w for truth in truths[start:start + config.clip_seconds] for _, _, w in truth.words)
                   for start in range(first, end, config.clip_seconds)]

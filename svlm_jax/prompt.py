@@ -5,10 +5,11 @@ A stream is, in token order:
   previous text     <|im_start|>previous text\\n {earlier commentary ...}<|im_end|>\\n
   round k           <|im_start|>user\\nTime={a:.1f}-{b:.1f}s<|vision_start|><|video_pad|>*N<|vision_end|>{query}<|im_end|>\\n
                     <|im_start|>assistant\\n{commentary} ...<|im_end|>\\n
-The query appears in round 0 of a stream's true start only (`round_query`). Commentary for a second is its words each preceded by a space,
-so a silent second is just " ..."; the commentary (without " ...") is what later moves into the
-previous-text block. Each piece is tokenized on its own: special tokens and the leading space of
-commentary are natural token boundaries, so concatenated pieces equal the tokenized whole.
+The query appears in round 0 of a stream's true start only (`round_query`). Commentary for a
+second is its words each preceded by a space, so a silent second is just " ..."; the commentary
+(without " ...") is what later moves into the previous-text block. Each piece is tokenized on its
+own: special tokens and the leading space of commentary are natural token boundaries, so
+concatenated pieces equal the tokenized whole.
 """
 
 from __future__ import annotations
