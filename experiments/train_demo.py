@@ -304,13 +304,30 @@ class LMTrainer:
                 **{f"{kind}_score_token_accuracy": right[kind] / max(counted[kind], 1) for kind in ("goal", "recap")}}
 
 
+def train_text_phase(trainer: LMTrainer, tok: Tokenizer, text_params, name: str, steps: int, chunks, lr: float,
+                     rng: np.random.Generator, counted, held_out: dict) -> tuple[object, dict]:
+    """One text pretraining phase (LMTrainer.train) and its report: loss curve, time, and the held-out
+    loss and score-number accuracies of each {format: rows} of `held_out`."""
+    started = time.perf_counter()
+    text_params, curve = trainer.train(text_params, chunks, steps, lr, rng, name, counted)
+    report = {"steps": steps, "batch": trainer.batch, "wall_s": time.perf_counter() - started,
+              "loss_on": "all" if counted is None else "score numbers", "loss_curve": curve,
+              "held_out": {fmt_name: trainer.held_out(text_params, tok, rows) for fmt_name, rows in held_out.items()}}
+    print(f"{name} pretraining held out: {report['held_out']}", flush=True)
+    return text_params, report
+
+
+def plain_rows(tok: Tokenizer, args, seeds, stride: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The plain text rows of matches `seeds` at the demo's pace (args.text_minutes, args.text_length)."""
+    return commentary_rows(tok, seeds, MatchConfig(seed=0), args.text_minutes, args.text_length + 1, stride)
+
+
 def text_corpora(tok: Tokenizer, fmt: data.ChatFormat, spec: data.ChunkSpec, args, rng: np.random.Generator):
     """{format: function of (match seeds, stride) -> text rows}. Plain: dense, short rows, where copying
     the last score is learned cheaply. Chat: the SFT's layout without frames, whose turn tokens
     between two statements break plain-text copying until trained on."""
     return {
-        "plain": lambda seeds, stride: commentary_rows(tok, seeds, MatchConfig(seed=0), args.text_minutes,
-                                                       args.text_length + 1, stride),
+        "plain": functools.partial(plain_rows, tok, args),
         "chat": lambda seeds, _: [c for s in seeds for c in commentary_chunks(fmt, spec, s, args.text_minutes,
                                                                                 args.text_chunks, rng)]}
 
@@ -347,18 +364,12 @@ def make_pretrained(work: Path, tokenizer_dir: Path, init_dir: Path, args) -> tu
     for name, steps in (("plain", args.text_steps), ("chat", args.chat_steps)):
         if steps == 0:
             continue
-        started = time.perf_counter()
         # Chat rows without frames: the loss on every token taught the model to name the team from
         # the context (README); on the score numbers alone it can only teach copying the score.
         counted = functools.partial(score_number_mask, tok) if name == "chat" and args.chat_loss == "scores" else None
-        text_params, curve = trainer.train(text_params, corpora[name](TEXT_SEEDS, 64), steps, args.text_lr, rng, name,
-                                           counted)
-        report[name] = {"steps": steps, "batch": args.text_batch, "wall_s": time.perf_counter() - started,
-                        "loss_on": "all" if counted is None else "score numbers",
-                        "loss_curve": curve,
-                        "held_out": {fmt_name: trainer.held_out(text_params, tok, rows)
-                                     for fmt_name, rows in held_out.items()}}
-        print(f"{name} pretraining held out: {report[name]['held_out']}", flush=True)
+        text_params, report[name] = train_text_phase(trainer, tok, text_params, name, steps,
+                                                     corpora[name](TEXT_SEEDS, 64), args.text_lr, rng, counted,
+                                                     held_out)
     report["corpus"] = {"matches": len(TEXT_SEEDS), "held_out_matches": len(TEXT_HELD_OUT_SEEDS),
                         "minutes_per_match": args.text_minutes, "plain_row_tokens": args.text_length,
                         "chat_chunks_per_match": args.text_chunks}
@@ -381,26 +392,18 @@ def make_goal_trained(work: Path, tokenizer_dir: Path, pretrained_dir: Path, arg
     tok = Tokenizer.from_pretrained(tokenizer_dir)
     model = svlm_jax.load_pretrained(pretrained_dir, "float32")
     trainer = LMTrainer(model.config.text, data.ChatFormat.from_tokenizer(tok, tokenizer_dir).pad_id, args.text_batch)
-    length = args.text_length + 1
-    goal_dense = commentary_rows(tok, SCORE_TEXT_SEEDS, SCORE_TEXT_PACE, SCORE_TEXT_MINUTES, length, 64)
-    plain = commentary_rows(tok, TEXT_SEEDS, MatchConfig(seed=0), args.text_minutes, length, 64)
-    held_out = commentary_rows(tok, TEXT_HELD_OUT_SEEDS, MatchConfig(seed=0), args.text_minutes, length,
-                               args.text_length)
+    goal_dense = commentary_rows(tok, SCORE_TEXT_SEEDS, SCORE_TEXT_PACE, SCORE_TEXT_MINUTES, args.text_length + 1, 64)
+    held_out = {"plain": plain_rows(tok, args, TEXT_HELD_OUT_SEEDS, args.text_length)}
     text_params = model.params.text
     report = {"corpus": {"matches": len(SCORE_TEXT_SEEDS), "minutes_per_match": SCORE_TEXT_MINUTES,
                          "pace": dataclasses.asdict(SCORE_TEXT_PACE)}}
-    for name, steps, chunks, counted in (("goals", args.goal_text_steps, goal_dense + plain, None),
+    for name, steps, chunks, counted in (("goals", args.goal_text_steps,
+                                          goal_dense + plain_rows(tok, args, TEXT_SEEDS, 64), None),
                                          ("scores", args.score_steps, goal_dense,
                                           functools.partial(score_number_mask, tok))):
-        if steps == 0:
-            continue
-        started = time.perf_counter()
-        text_params, curve = trainer.train(text_params, chunks, steps, args.text_lr, np.random.default_rng(args.seed),
-                                           name, counted)
-        report[name] = {"steps": steps, "batch": args.text_batch, "wall_s": time.perf_counter() - started,
-                        "loss_on": "all" if counted is None else "score numbers", "loss_curve": curve,
-                        "held_out": {"plain": trainer.held_out(text_params, tok, held_out)}}
-        print(f"{name} pretraining held out: {report[name]['held_out']}", flush=True)
+        if steps:
+            text_params, report[name] = train_text_phase(trainer, tok, text_params, name, steps, chunks, args.text_lr,
+                                                         np.random.default_rng(args.seed), counted, held_out)
     svlm_jax.save_pretrained(Model(model.config, model.params.replace(text=text_params)), out)
     report_path.write_text(json.dumps(report, indent=2))
     return out, report
