@@ -66,7 +66,8 @@ VARIANTS = {
 
 def stream_variant(model, tokenizer, config: StreamConfig, seed: int, seconds: int, budget_s: float) -> dict:
     """Per-second texts, truths, generated token counts and wall times of one variant."""
-    session = StreamingSession(model, tokenizer, config, preprocess=tokenizer.vision_preprocess)
+    session = StreamingSession(model, tokenizer, demo.match_stream(seed, config),
+                               preprocess=tokenizer.vision_preprocess)
     texts, truths, n_tokens, walls, stopped = [], [], [], [], None
     started = time.perf_counter()
     for item in itertools.islice(stream_seconds(MatchConfig(seed), RenderConfig()), seconds):

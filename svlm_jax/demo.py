@@ -9,6 +9,7 @@ match is written as an mp4 with the commentary as WebVTT subtitles beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -18,8 +19,8 @@ from svlm_jax.media.subtitles import VttWriter
 from svlm_jax.model.params import Model
 from svlm_jax.sampling import SamplingConfig
 from svlm_jax.session import StreamConfig, StreamingSession
-from svlm_jax.synth import (MatchConfig, RenderConfig, StreamSecond, memory_ages, score_commentary, stream_seconds,
-                            summarize_scores)
+from svlm_jax.synth import (Match, MatchConfig, RenderConfig, StreamSecond, match_intro, memory_ages,
+                            score_commentary, stream_seconds, summarize_scores)
 from svlm_jax.synth.dataset import opening_frame, write_video
 from svlm_jax.tokenizer import Tokenizer
 from svlm_jax.weights import load_pretrained
@@ -37,10 +38,16 @@ def load_model(model_dir: Path = DEMO_MODEL_DIR) -> tuple[Model, Tokenizer]:
     return load_pretrained(model_dir, dtype="float32"), Tokenizer.from_pretrained(model_dir)
 
 
+def match_stream(seed: int, config: StreamConfig = STREAM) -> StreamConfig:
+    """`config` for streaming match `seed` from its kickoff: its previous text is the match's intro,
+    as in every training stream (the text sink keeps it)."""
+    return dataclasses.replace(config, previous_text=match_intro(Match(MatchConfig(seed)).teams))
+
+
 def commentate(model: Model, tokenizer: Tokenizer, seed: int, seconds: int) -> Iterator[tuple[StreamSecond, str]]:
     """The first `seconds` of match `seed`, each with the model's commentary, streamed as they come."""
     # The model dir's preprocessor_config keeps the 112x112 frames as they are, as in training.
-    session = StreamingSession(model, tokenizer, STREAM, preprocess=tokenizer.vision_preprocess)
+    session = StreamingSession(model, tokenizer, match_stream(seed), preprocess=tokenizer.vision_preprocess)
     for item in itertools.islice(stream_seconds(MatchConfig(seed), RenderConfig()), seconds):
         yield item, session.step(item.frames, float(item.second), float(item.second + 1))
 

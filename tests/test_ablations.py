@@ -17,19 +17,19 @@ def _truth(second: int, *facts: Fact) -> SecondTruth:
 def test_memory_ages_count_from_the_last_goal():
     """Lives in svlm_jax.synth; tested here beside the baseline built on it."""
     truths = [
-        _truth(0, Fact("kickoff", "Red")),
+        _truth(0, Fact("kickoff", "Red", side="home")),
         _truth(10, Fact("recap", "", (0, 0))),          # 0-0 since the start
         _truth(30, Fact("goal", "Blue", (0, 1), "away")),  # the score before it: since the start
-        _truth(40, Fact("foul", "Blue")),               # states no score
-        _truth(50, Fact("pass", "Red"), Fact("recap", "", (0, 1))),  # the goal at 30
+        _truth(40, Fact("foul", "Blue", side="away")),               # states no score
+        _truth(50, Fact("pass", "Red", side="home"), Fact("recap", "", (0, 1))),  # the goal at 30
         _truth(61),
         _truth(75, Fact("goal", "Red", (1, 1), "home")),  # previous goal at 30
         _truth(80, Fact("recap", "", (1, 1))),          # the goal at 75
     ]
     ages = memory_ages(truths)
     assert ages == [None, 10, 30, None, 20, None, 45, 5]
-    said = ["Red kick off.", "Score 0 to 0.", "Goal for Blue, the away side! Score 0 to 1.", "Foul by Blue.",
-            "Red passes. Score 1 to 0.", "", "Goal for Red, the home side! Score 1 to 1.", "score 1 to 1"]
+    said = ["Red home kick off.", "Score 0 to 0.", "Goal for Blue away! Score 0 to 1.", "Foul by Blue away.",
+            "Red home passes. Score 1 to 0.", "", "Goal for Red home! Score 1 to 1.", "score 1 to 1"]
     summary = summarize_scores(score_commentary(said, truths), ages, long_s=16)
     assert summary["memory_seconds"] == 3 and summary["memory_accuracy"] == 2 / 3  # home and away swapped at 50
     assert summary["score_seconds"] == 5 and summary["score_accuracy"] == 4 / 5

@@ -57,11 +57,12 @@ def test_demo_bad_arguments(tmp_path, capsys):
 
 
 def test_score_number_and_goal_masks_mark_only_the_numbers_of_stated_scores_and_goal_sentences():
-    from experiments.train_demo import goal_statement_mask, score_number_mask
+    from experiments.train_demo import goal_statement_mask, memory_word_mask, score_number_mask, side_word_mask
     from svlm_jax.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(demo.DEMO_MODEL_DIR)
-    text = " Blue passes 2 times. Score 12 to three. Goal for Red! Score twenty one to 30. Red 4 to one"
+    text = (" Blue home, Red away. Blue home passes 2 times. Score 12 to three. Goal for Red away! Score"
+            " twenty one to 30. Red 4 to one, home side.")
     ids = np.asarray([tok.encode(text)])
 
     def marked_runs(mask):  # the marked runs of tokens, decoded
@@ -75,7 +76,9 @@ def test_score_number_and_goal_masks_mark_only_the_numbers_of_stated_scores_and_
         return runs
 
     assert marked_runs(score_number_mask(tok, ids)[0]) == ["12", "three", "twenty one", "30"]
-    assert marked_runs(goal_statement_mask(tok, ids)[0]) == ["Goal for Red! Score twenty one to 30"]
+    assert marked_runs(goal_statement_mask(tok, ids)[0]) == ["Goal for Red away! Score twenty one to 30"]
+    assert marked_runs(side_word_mask(tok, ids)[0]) == ["away"]
+    assert marked_runs(memory_word_mask(tok, ids)[0]) == ["12", "three", "away", "twenty one", "30"]
 
 
 def test_previous_other_number_is_the_other_slot_of_the_statement_before():

@@ -88,10 +88,10 @@ def test_stated_score_matches_the_goals_so_far_and_recaps_come_every_period(hour
                 goals[event.team] += 1
         facts = parse_facts(truth.text)
         for fact in facts:
-            # Home first: the words say "Score <home> to <away>"; a goal names its scorer's side.
+            # Home first: the words say "Score <home> to <away>"; an event names its team's side.
             assert fact.score == (tuple(goals) if fact.kind in ("goal", "recap") else None), truth.text
-            scorer = [e.team for e in record.events if e.kind == "goal"]
-            assert fact.side == ((["home", "away"][scorer[0]]) if fact.kind == "goal" else ""), truth.text
+            actor = [e.team for e in record.events]
+            assert fact.side == ((["home", "away"][actor[0]]) if fact.kind != "recap" else ""), truth.text
             checked[fact.kind] += 1
         # A recap each RECAP_PERIOD_SECONDS from the first period's end, after the second's event,
         # except where a goal states the score anyway.
@@ -189,8 +189,10 @@ def test_written_dataset_reads_back(tmp_path):
     assert len(samples) == 2 * 3  # clips of 24, 24, 12 s per stream
     first, second = samples[0], samples[1]
     assert (first["video_start"], first["video_end"], second["video_start"]) == (0.0, 24.0, 24.0)
-    assert "previous" not in first
-    assert second["previous"] == " ".join(word for _, _, word in first["text_stream"])
+    home, away = Match(MatchConfig(seed=3)).teams
+    intro = f"{home} home, {away} away."
+    assert first["previous"] == intro
+    assert second["previous"] == " ".join([intro] + [word for _, _, word in first["text_stream"]])
     for sample in samples:
         assert all(sample["video_start"] <= end < sample["video_end"] for _, end, _ in sample["text_stream"])
     with av.open(str(tmp_path / first["video"])) as container:
@@ -234,7 +236,7 @@ def test_stream_joining_late_carries_the_earlier_match_as_previous(tmp_path):
     late = [s for s in samples if s["video"].endswith(f"{seed:05d}.mp4")]
     assert [(s["video_start"], s["video_end"]) for s in late] == [(0.0, 30.0), (30.0, 60.0)]
     for sample, clip_start in zip(late, (first, first + 30)):
-        assert sample["previous"] == " ".join(t.text for t in whole.truths[:clip_start] if t.words)
+        assert sample["previous"] == " ".join([whole.previous] + [t.text for t in whole.truths[:clip_start] if t.words])
         truths = whole.truths[clip_start:clip_start + 30]
         assert [w for _, _, w in sample["text_stream"]] == [w for t in truths for _, _, w in t.words]
         # on the video's timeline: each word inside its second, counted from the video's start
@@ -248,7 +250,9 @@ def test_stream_joining_late_carries_the_earlier_match_as_previous(tmp_path):
 def test_stream_window_previous_is_the_earlier_commentary():
     whole = stream_window(MatchConfig(seed=4), 0, 50)
     later = stream_window(MatchConfig(seed=4), 30, 50)
-    assert later.previous == " ".join(t.text for t in whole.truths[:30] if t.words)
+    home, away = Match(MatchConfig(seed=4)).teams
+    assert whole.previous == f"{home} home, {away} away."
+    assert later.previous == " ".join([whole.previous] + [t.text for t in whole.truths[:30] if t.words])
     assert later.truths == whole.truths[30:]
     np.testing.assert_array_equal(later.frames, whole.frames[60:])
 
@@ -265,27 +269,49 @@ def test_scorer_accepts_truth_and_rejects_wrong_teams_and_numbers(hour):
     home_goals, away_goals = goal.facts[0].score
     scorer, other = goal.facts[0].team, (away if goal.facts[0].team == home else home)
     side, other_side = ("home", "away") if scorer == home else ("away", "home")
-    said_for = f"Goal for {scorer}, the {side} side!"
+    said_for = f"Goal for {scorer} {side}!"
 
     def judge(text):
         return score_commentary([text], [goal])[0]
 
     assert goal.text.startswith(said_for)
     assert judge(goal.text.upper().replace("!", "").replace(".", " ...")).correct
-    assert judge(f"Oh! goal for {scorer}, the {side} side! Score {home_goals} to {away_goals}, what a strike").correct
+    assert judge(f"Oh! goal for {scorer} {side}! Score {home_goals} to {away_goals}, what a strike").correct
     assert not judge(goal.text.replace(f"for {scorer}", f"for {other}")).events_correct
+    assert not judge(goal.text.replace(f"for {scorer} {side}", f"for {scorer}")).events_correct  # side left out
     assert f"Score {number_words(home_goals)} to {number_words(away_goals)}." in goal.text
     for wrong in [(home_goals + 1, away_goals), (away_goals, home_goals) if home_goals != away_goals else (0, 0)]:
         for wrong_score in (f"{said_for} Score {wrong[0]} to {wrong[1]}.",
                             f"{said_for} Score {number_words(wrong[0])} to {number_words(wrong[1])}."):
             assert judge(wrong_score).events_correct and judge(wrong_score).score_correct is False
-    wrong_side = goal.text.replace(f"the {side} side", f"the {other_side} side")
-    assert judge(wrong_side).events_correct and judge(wrong_side).score_correct is False
+    wrong_side = goal.text.replace(f"{scorer} {side}", f"{scorer} {other_side}")
+    assert not judge(wrong_side).events_correct and judge(wrong_side).score_correct is False
     assert judge(f"{said_for}").score_correct is False  # the score left out
     assert not judge("...").correct
 
     silent = next(t for t in truths if not t.facts)
     assert score_commentary([" ..."], [silent])[0].correct
-    assert not score_commentary([f"{home} passes."], [silent])[0].correct
+    assert not score_commentary([f"{home} home passes."], [silent])[0].correct
     with pytest.raises(ValueError):
         score_commentary([], [silent])
+
+
+def test_every_team_mention_repeats_the_intro_side_after_the_name():
+    # The intro (the previous text every stream starts from) names each team and its side, as every
+    # event's sentence does, so the word after a team's name is always a copy from context.
+    lively = MatchConfig(seed=11, goal_probability=0.9, save_probability=0.05, shot_weight=2.0, shooting_range=0.5)
+    window = stream_window(lively, 0, 300)
+    goals = [f for t in window.truths for f in t.facts if f.kind == "goal"]
+    assert {f.side for f in goals} == {"home", "away"}
+    home, away = window.teams
+    side_after = {home: "home", away: "away"}
+    words = window.previous.replace(",", "").replace(".", "").split()
+    assert words == [home, "home", away, "away"]
+    for truth in window.truths:
+        words = truth.text.replace("!", "").replace(".", "").split()
+        for i, word in enumerate(words):
+            if word in side_after:
+                assert words[i + 1] == side_after[word], truth.text
+        for fact in truth.facts:
+            if fact.kind != "recap":
+                assert fact.side == side_after[fact.team] and f"{fact.team} {fact.side}" in truth.text

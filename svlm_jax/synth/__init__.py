@@ -7,6 +7,7 @@ from svlm_jax.synth.commentary import (
     SecondScore,
     SecondTruth,
     Word,
+    match_intro,
     memory_ages,
     parse_facts,
     score_commentary,
@@ -27,6 +28,6 @@ from svlm_jax.synth.world import Event, Match, MatchConfig, SecondRecord
 __all__ = [
     "Commentator", "DatasetConfig", "Event", "Fact", "Match", "MatchConfig", "RenderConfig",
     "SecondRecord", "SecondScore", "SecondTruth", "StreamSecond", "StreamWindow", "Word",
-    "memory_ages", "parse_facts", "render_frame", "render_second", "score_commentary", "stream_seconds",
+    "match_intro", "memory_ages", "parse_facts", "render_frame", "render_second", "score_commentary", "stream_seconds",
     "stream_start", "stream_window", "summarize_scores", "write_dataset",
 ]

@@ -6,15 +6,17 @@ stream's start: an opening frame (the first instant) and then every second's fra
 frames VideoReader samples for second s (those on screen at s + j / fps, j = 1..fps, METHOD.md
 §2) are exactly the frames `render_second` gives for s, which streaming inference sees.
 
-A stream may join its match late (`start_minute_max`): its video then starts at that minute and
-the commentary before it travels as `previous`, so training sees the scores of long matches.
+Every stream's `previous` opens with the match's intro (`commentary.match_intro`: which team is
+at home), as the demo streams it. A stream may join its match late (`start_minute_max`): its video
+then starts at that minute and the commentary before it follows the intro in `previous`, so
+training sees the scores of long matches.
 Each stream is cut into consecutive clips of `clip_seconds`, one JSONL line each:
   video        path of the mp4, relative to the JSONL file's folder
   video_start  clip start, seconds on the video's timeline
   video_end    clip end (exclusive), same timeline
   text_stream  [start, end, word] for every word whose end falls in [video_start, video_end),
                times on the same timeline (not relative to video_start)
-  previous     all commentary before video_start as one text (omitted for the first clip)
+  previous     the match's intro, then all commentary before video_start, as one text
 """
 
 import dataclasses
@@ -27,7 +29,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from svlm_jax.synth.commentary import Commentator, SecondTruth
+from svlm_jax.synth.commentary import Commentator, SecondTruth, match_intro
 from svlm_jax.synth.render import RenderConfig, render_frame, render_second
 from svlm_jax.synth.world import Match, MatchConfig
 
@@ -49,7 +51,7 @@ class StreamWindow:
     end: int  # one past the last second
     frames: np.ndarray  # ((end - start) * fps, height, width, 3) uint8
     truths: tuple[SecondTruth, ...]  # seconds start .. end - 1
-    previous: str  # all commentary before `start`
+    previous: str  # the match's intro, then all commentary before `start`
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def stream_window(match_config: MatchConfig, start: int, end: int,
             truths.append(item.truth)
     teams = Match(match_config).teams
     return StreamWindow(teams, start, end, np.concatenate(frames), tuple(truths),
-                        " ".join(text for text in previous if text))
+                        " ".join(text for text in [match_intro(teams), *previous] if text))
 
 
 def opening_frame(match_config: MatchConfig, second: int, render_config: RenderConfig = RenderConfig()) -> np.ndarray:
@@ -153,6 +155,7 @@ def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
             first = stream_start(config, seed)
             video = Path("videos") / f"stream_{seed:05d}.mp4"
             truths: list[SecondTruth] = []  # from the match's second 0, filled while frames are encoded
+            intro = match_intro(Match(config.match(seed)).teams)
             items = islice(stream_seconds(config.match(seed), config.render, render_from=first), first + seconds)
             frames = chain([opening_frame(config.match(seed), first, config.render)],
                            _frames_recording_truths(items, truths))
@@ -167,8 +170,6 @@ def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
                     "text_stream": [[round(a - first, 3), round(b - first, 3), word]
                                     for truth in truths[first + start:first + end] for a, b, word in truth.words],
                 }
-                previous = " ".join(truth.text for truth in truths[:first + start] if truth.words)
-                if previous:
-                    sample["previous"] = previous
+                sample["previous"] = " ".join([intro] + [truth.text for truth in truths[:first + start] if truth.words])
                 jsonl.write(json.dumps(sample) + "\n")
     return jsonl_path
