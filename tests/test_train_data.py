@@ -164,7 +164,7 @@ def synth_plan(tmp_path_factory, stream_tokenizer):
     fmt = data.ChatFormat.from_tokenizer(stream_tokenizer, stream_tokenizer.name)
     spec = data.ChunkSpec(chunk_seconds=8, overlap_seconds=4, text_sink=16, text_window=16)
     return data.plan_chunks(fmt, model, spec, VISION, data.read_samples(jsonl),
-                            [data.Bucket(600, 128), data.Bucket(360, 128)])
+                            [data.Bucket(600, 128), data.Bucket(390, 128)])
 
 
 def test_plan_and_group_order(synth_plan):
@@ -172,7 +172,7 @@ def test_plan_and_group_order(synth_plan):
     assert len(synth_plan.refs) == 28
     assert [(r.start, r.end) for r in synth_plan.refs[:7]] == [(0, 8), (4, 12), (8, 16), (12, 20), (16, 24),
                                                                (20, 28), (24, 30)]
-    assert synth_plan.buckets == (data.Bucket(360, 128), data.Bucket(600, 128))  # sorted
+    assert synth_plan.buckets == (data.Bucket(390, 128), data.Bucket(600, 128))  # sorted
     groups = data.group_order(synth_plan, 4, seed=3, n_groups=14)
     assert groups == data.group_order(synth_plan, 4, seed=3, n_groups=14)
     assert groups != data.group_order(synth_plan, 4, seed=4, n_groups=14)
