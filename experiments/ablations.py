@@ -24,7 +24,9 @@ scorer. Variants differ from `ours` (the demo's cache: streaming scheme, contigu
                    and batch) is the SFT ablation
 Per 10-minute segment: accuracy (events and silences), accuracy of the scores due (goals and
 recaps), accuracy of the scores whose last change is older than the vision window (`memory`:
-only the commentary history can carry them), and latency (ms per generated token = round wall time /
+only the commentary history can carry them), the share of stated scores that agree with the
+variant's own earlier commentary (`consistent`: its last stated score, raised for each goal it
+calls; one miscounted goal makes every later score wrong but only that second inconsistent), and latency (ms per generated token = round wall time /
 tokens generated, and ms per round). A variant stops at the end of the stream, when it runs out of
 its memory budget (full), or past `--budget-s` of wall time (recorded as `stopped`).
 Writes experiments/results/ablations.json, ablations.png and ablations.md (tables and the checks of
@@ -46,7 +48,7 @@ from experiments.common import RESULTS, git_commit, write_result
 from svlm_jax import demo
 from svlm_jax.session import CacheFullError, StreamConfig, StreamingSession
 from svlm_jax.synth import (MatchConfig, RenderConfig, SecondTruth, memory_ages, score_commentary,
-                            stream_seconds, summarize_scores)
+                            score_consistency, stream_seconds, summarize_scores)
 
 OURS = demo.STREAM
 VARIANTS = {
@@ -90,6 +92,7 @@ def stream_variant(model, tokenizer, config: StreamConfig, seed: int, seconds: i
 def summarize(run: dict, segment_s: int, memory_age_s: int) -> dict:
     scores = score_commentary(run["texts"], run["truths"])
     ages = memory_ages(run["truths"])
+    consistent = score_consistency(run["texts"])
 
     def latency(walls, tokens):
         return {"ms_per_round": 1e3 * float(np.mean(walls)) if walls else None,
@@ -101,10 +104,11 @@ def summarize(run: dict, segment_s: int, memory_age_s: int) -> dict:
     for start in range(0, len(scores), segment_s):
         part, timed = slice(start, start + segment_s), slice(max(0, start - 1), start + segment_s - 1)
         segments.append({"start_s": start, "end_s": min(start + segment_s, len(scores)),
-                         **summarize_scores(scores[part], ages[part], memory_age_s),
+                         **summarize_scores(scores[part], ages[part], memory_age_s, consistent[part]),
                          **latency(walls[timed], tokens[timed])})
     return {
-        **summarize_scores(scores, ages, memory_age_s), "stopped": run["stopped"], **latency(walls, tokens),
+        **summarize_scores(scores, ages, memory_age_s, consistent), "stopped": run["stopped"],
+        **latency(walls, tokens),
         "first_round_s": run["walls"][0] if run["walls"] else None,
         "segments": segments,
         "examples": [{"second": t.second, "truth": t.text, "predicted": p, "memory_age_s": a}
@@ -174,12 +178,15 @@ def markdown(result: dict) -> str:
              f"(a commentator remembering nothing, every score as if it were the first goal or 0-0, "
              f"would get {_fmt(result['memoryless_baseline'])} of them). "
              "Latency: round wall time / generated tokens, second 0 (compilation) left out.", "",
-             "| variant | seconds | accuracy | events | silence | score | memory (n) | ms/token | ms/round | stopped |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | seconds | accuracy | events | silence | score | memory (n) | consistent (n) | ms/token | "
+             "ms/round | stopped |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         lines.append(f"| {name} | {v['seconds']} | {_fmt(v['accuracy'])} | {_fmt(v['event_accuracy'])} | "
                      f"{_fmt(v['silence_accuracy'])} | {_fmt(v['score_accuracy'])} | "
-                     f"{_fmt(v['memory_accuracy'])} ({v['memory_seconds']}) | {_fmt(v['ms_per_token'], False)} | "
+                     f"{_fmt(v['memory_accuracy'])} ({v['memory_seconds']}) | "
+                     f"{_fmt(v.get('score_consistency'))} ({v.get('stated_score_seconds', '-')}) | "
+                     f"{_fmt(v['ms_per_token'], False)} | "
                      f"{_fmt(v['ms_per_round'], False)} | {v['stopped'] or ''} |")
     lines += ["", "## Accuracy per segment", "",
               "| variant | " + " | ".join(f"{s['start_s']}-{s['end_s']} s"
@@ -187,9 +194,9 @@ def markdown(result: dict) -> str:
                                                       key=lambda v: len(v["segments"]))["segments"]) + " |"]
     lines.append("|---" * (1 + max(len(v["segments"]) for v in result["variants"].values())) + "|")
     for name, v in result["variants"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{_fmt(s['accuracy'])} / {_fmt(s['memory_accuracy'])}"
-                                                for s in v["segments"]) + " |")
-    lines += ["", "(accuracy / memory accuracy)", "", "## Checks", ""]
+        lines.append(f"| {name} | " + " | ".join(f"{_fmt(s['accuracy'])} / {_fmt(s['memory_accuracy'])} / "
+                                                f"{_fmt(s.get('score_consistency'))}" for s in v["segments"]) + " |")
+    lines += ["", "(accuracy / memory accuracy / consistent)", "", "## Checks", ""]
     for ch in result["checks"]:
         shown = ", ".join(f"{name} {_fmt(x, ch['key'].endswith('accuracy'))}" for name, x in ch["values"].items())
         lines.append(f"- {'held' if ch['held'] else 'did NOT hold'}: {ch['claim']} ({ch['key']}: {shown})")
@@ -204,19 +211,19 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     # Matplotlib's colour cycle has 10 colours and there are more variants: the line style tells
     # the variants that share a colour apart.
     for i, (name, v) in enumerate(result["variants"].items()):
         mids = [(s["start_s"] + s["end_s"]) / 2 / 60 for s in v["segments"]]
         style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3], marker=".", label=name)
-        for ax, key in zip(axes, ("accuracy", "memory_accuracy", "ms_per_token")):
-            ax.plot(mids, [np.nan if s[key] is None else s[key] for s in v["segments"]], **style)
+        for ax, key in zip(axes, ("accuracy", "memory_accuracy", "score_consistency", "ms_per_token")):
+            ax.plot(mids, [np.nan if s.get(key) is None else s[key] for s in v["segments"]], **style)
     for ax, title in zip(axes, ("accuracy per segment", "long-memory score per segment",
-                                "ms per generated token")):
+                                "stated scores consistent with the own commentary", "ms per generated token")):
         ax.set(xlabel="stream minutes", title=title)
         ax.grid(True, alpha=0.3)
-    axes[2].set_yscale("log")
+    axes[3].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"demo model on seed {result['config']['seed']}, {result['device']}")
     fig.tight_layout()
@@ -278,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         variants[name] = {"config": dataclasses.asdict(config), "commit": git_commit(),
                           **summarize(run, segment_s, memory_age_s)}
         print(json.dumps({"variant": name, **{k: variants[name][k] for k in (
-            "seconds", "accuracy", "event_accuracy", "score_accuracy", "memory_accuracy", "ms_per_token",
+            "seconds", "accuracy", "event_accuracy", "score_accuracy", "memory_accuracy", "score_consistency",
+            "ms_per_token",
             "stopped")}}), flush=True)
 
     result = {"config": {"model": args.model, "seed": args.seed, "seconds": seconds, "segment_s": segment_s,

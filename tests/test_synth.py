@@ -20,6 +20,7 @@ from svlm_jax.synth import (
     render_frame,
     render_second,
     score_commentary,
+    score_consistency,
     stream_seconds,
     stream_start,
     stream_window,
@@ -294,6 +295,27 @@ def test_scorer_accepts_truth_and_rejects_wrong_teams_and_numbers(hour):
     assert not score_commentary([f"{home} home passes."], [silent])[0].correct
     with pytest.raises(ValueError):
         score_commentary([], [silent])
+
+
+def test_score_consistency_follows_the_commentary_not_the_truth(hour):
+    _, _, truths, _ = hour
+    truth_texts = [t.text for t in truths]
+    consistent = score_consistency(truth_texts)
+    assert [c is not None for c in consistent] == [any(f.score for f in t.facts) for t in truths]
+    assert all(c is not False for c in consistent)
+
+    said = ["Red home kick off.", "Score zero to zero.", "Goal for Red home! Score one to zero.",
+            "Score one to zero.", "Goal for Blue away! Score one to one.",
+            "Goal for Red home! Score one to one.",  # the goal not counted
+            "Score one to one.",  # its own miscount carried on: consistent
+            "Goal for Blue away! Score two to two.",  # raises the wrong side
+            "Red home passes.", "Score two to two.", "Score two to three.",  # a recap that changed
+            "Score 2 to 3. Goal for Red home! Score three to three."]
+    assert score_consistency(said) == [None, True, True, True, True, False, True, False, None, True, False, True]
+    summary = summarize_scores(score_commentary(said, truths[:len(said)]), consistent=score_consistency(said))
+    assert summary["stated_score_seconds"] == 10 and summary["score_consistency"] == 0.7
+    with pytest.raises(ValueError):
+        summarize_scores(score_commentary(said, truths[:len(said)]), consistent=[True])
 
 
 def test_every_team_mention_repeats_the_intro_side_after_the_name():

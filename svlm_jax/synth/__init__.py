@@ -11,6 +11,7 @@ from svlm_jax.synth.commentary import (
     memory_ages,
     parse_facts,
     score_commentary,
+    score_consistency,
     summarize_scores,
 )
 from svlm_jax.synth.dataset import (
@@ -28,6 +29,7 @@ from svlm_jax.synth.world import Event, Match, MatchConfig, SecondRecord
 __all__ = [
     "Commentator", "DatasetConfig", "Event", "Fact", "Match", "MatchConfig", "RenderConfig",
     "SecondRecord", "SecondScore", "SecondTruth", "StreamSecond", "StreamWindow", "Word",
-    "match_intro", "memory_ages", "parse_facts", "render_frame", "render_second", "score_commentary", "stream_seconds",
+    "match_intro", "memory_ages", "parse_facts", "render_frame", "render_second", "score_commentary",
+    "score_consistency", "stream_seconds",
     "stream_start", "stream_window", "summarize_scores", "write_dataset",
 ]

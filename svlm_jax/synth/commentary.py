@@ -257,6 +257,27 @@ def score_commentary(predicted: Sequence[str], truth: Sequence[SecondTruth]) -> 
     return scores
 
 
+def score_consistency(predicted: Sequence[str]) -> list[bool | None]:
+    """For each predicted second (in order from the stream's start): whether every score it states
+    is the one the commentary's own earlier statements imply (its last stated score, 0-0 before any,
+    raised by one for the side of each goal it calls); None where it states no score. Unlike
+    score_commentary it asks nothing of the truth: a miscounted goal is one inconsistent second,
+    while forgetting or garbling the score is inconsistent wherever it is stated."""
+    held, consistent = (0, 0), []
+    for text in predicted:
+        stated = [f for f in parse_facts(text) if f.score is not None]
+        ok = True
+        for fact in stated:
+            implied = held
+            if fact.kind == "goal":
+                slot = SIDES.index(fact.side)
+                implied = tuple(n + (i == slot) for i, n in enumerate(held))
+            ok &= fact.score == implied
+            held = fact.score
+        consistent.append(ok if stated else None)
+    return consistent
+
+
 def memory_ages(truths: Sequence[SecondTruth]) -> list[int | None]:
     """For each second stating the score (a goal or a recap): seconds since the score it builds on
     last changed (the previous goal; the stream's start if none); None where no score is stated.
@@ -271,11 +292,12 @@ def memory_ages(truths: Sequence[SecondTruth]) -> list[int | None]:
 
 
 def summarize_scores(scores: Sequence[SecondScore], ages: Sequence[int | None] | None = None,
-                     long_s: int = 16) -> dict[str, float]:
+                     long_s: int = 16, consistent: Sequence[bool | None] | None = None) -> dict[str, float]:
     """Accuracy over all seconds, then separately over eventful and silent seconds and over the
     scores due (goals and recaps). With `ages` (memory_ages of the same seconds) also over the
-    scores last changed more than `long_s` seconds before (those only memory can carry).
-    A rate with nothing to rate is None."""
+    scores last changed more than `long_s` seconds before (those only memory can carry). With
+    `consistent` (score_consistency of the same seconds) also the share of stated scores that agree
+    with the commentary's own earlier ones. A rate with nothing to rate is None."""
     def rate(values):
         return sum(values) / len(values) if values else None
 
@@ -292,4 +314,9 @@ def summarize_scores(scores: Sequence[SecondScore], ages: Sequence[int | None] |
             raise ValueError(f"{len(ages)} ages for {len(scores)} scored seconds")
         due = [s.score_correct for s, age in zip(scores, ages) if age is not None and age > long_s]
         summary.update(memory_seconds=len(due), memory_accuracy=rate(due))
+    if consistent is not None:
+        if len(consistent) != len(scores):
+            raise ValueError(f"{len(consistent)} consistency flags for {len(scores)} scored seconds")
+        stated = [c for c in consistent if c is not None]
+        summary.update(stated_score_seconds=len(stated), score_consistency=rate(stated))
     return summary
