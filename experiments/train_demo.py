@@ -514,7 +514,7 @@ def evaluate(model_dir: Path, seconds: int, seed: int = demo.DEMO_SEED) -> dict:
     examples = [{"second": t.second, "truth": t.text, "predicted": p, "memory_age_s": a}
                 for t, p, a in zip(truths, texts, ages) if a is not None][:30]
     return {"seed": seed, "seconds": seconds, "wall_s_with_compilation": wall,
-            **summarize_scores(scores, ages, demo.STREAM.vision_window_s),
+            **summarize_scores(scores, ages, demo.LONG_MEMORY_S),
             "event_accuracy_by_kind": {k: right_by_kind[k] / n for k, n in sorted(by_kind.items())},
             "score_accuracy_by_kind": {k: scores_right_by_kind[k] / n for k, n in sorted(scores_by_kind.items())},
             "facts_by_kind": dict(sorted(by_kind.items())), "score_examples": examples}

@@ -38,6 +38,17 @@ def test_memory_ages_count_from_the_last_goal():
     assert ablations.memoryless_baseline(truths, 16) == 1 / 3
 
 
+def test_accuracy_checks_compare_the_seconds_both_variants_streamed():
+    variants = {"ours": {"accuracy": 0.5, "ms_per_token": 1.0, "seconds": 8, "correct_by_second": "11100000"},
+                "sliding_overlap": {"accuracy": 0.5, "ms_per_token": 4.0, "seconds": 4, "correct_by_second": "1010"}}
+    by_claim = {c["claim"]: c for c in ablations.checks(variants)}
+    accuracy = by_claim["our cache is at least as accurate as sliding windows with overlap (within 2 points)"]
+    assert accuracy["held"] and accuracy["over_s"] == 4
+    assert accuracy["values"] == {"ours": 0.75, "sliding_overlap": 0.5}
+    cost = by_claim["our cache is at least 3x cheaper per token than sliding windows with overlap"]
+    assert cost["held"] and cost["over_s"] is None and cost["values"] == {"ours": 1.0, "sliding_overlap": 4.0}
+
+
 def test_smoke_run_writes_results_tables_and_plot(tmp_path):
     ablations.main(["--smoke", "--variants", "ours", "sliding", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "ablations.json").read_text())
@@ -50,6 +61,7 @@ def test_smoke_run_writes_results_tables_and_plot(tmp_path):
     table = (tmp_path / "ablations.md").read_text()
     assert "| ours | 20 |" in table and "| sliding | 20 |" in table
     assert (tmp_path / "ablations.png").stat().st_size > 0
+    assert len(result["variants"]["ours"]["correct_by_second"]) == 20
 
     # --merge keeps what was measured and adds the new variant; a different match length refuses.
     ablations.main(["--smoke", "--variants", "native", "--out", str(tmp_path), "--merge"])
