@@ -23,7 +23,7 @@ scorer. Variants differ from `ours` (the demo's cache: streaming scheme, contigu
                    `sft_non_overlapped` (trained with `--overlap-seconds 0`, the same data, steps
                    and batch) is the SFT ablation
 Per 10-minute segment: accuracy (events and silences), accuracy of the scores due (goals and
-recaps), accuracy of the scores whose last change is older than 16 s (`demo.LONG_MEMORY_S`, `memory`:
+recaps), accuracy of the scores whose last change is older than 16 s (`synth.LONG_MEMORY_S`, `memory`:
 only the commentary history can carry them), the share of stated scores that agree with the
 variant's own earlier commentary (`consistent`: its last stated score, raised for each goal it
 calls; one miscounted goal makes every later score wrong but only that second inconsistent), and
@@ -48,8 +48,8 @@ import numpy as np
 from experiments.common import RESULTS, git_commit, write_result
 from svlm_jax import demo
 from svlm_jax.session import CacheFullError, StreamConfig, StreamingSession
-from svlm_jax.synth import (MatchConfig, RenderConfig, SecondTruth, memory_ages, score_commentary,
-                            score_consistency, stream_seconds, summarize_scores)
+from svlm_jax.synth import (LONG_MEMORY_S, MatchConfig, RenderConfig, SecondTruth, memory_ages,
+                            score_commentary, score_consistency, stream_seconds, summarize_scores)
 
 OURS = demo.STREAM
 VARIANTS = {
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = 20 if args.smoke else int(args.minutes * 60)
     segment_s = 10 if args.smoke else int(args.segment_minutes * 60)
     out_dir = Path(args.out or ("/tmp/ablations_smoke" if args.smoke else RESULTS))
-    memory_age_s = demo.LONG_MEMORY_S
+    memory_age_s = LONG_MEMORY_S
 
     models = {"": demo.load_model(Path(args.model))}
     runs = [(name, "", dataclasses.replace(VARIANTS[name], full_max_s=args.full_budget_s)) for name in args.variants]
@@ -298,8 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                           **summarize(run, segment_s, memory_age_s)}
         print(json.dumps({"variant": name, **{k: variants[name][k] for k in (
             "seconds", "accuracy", "event_accuracy", "score_accuracy", "memory_accuracy", "score_consistency",
-            "ms_per_token",
-            "stopped")}}), flush=True)
+            "ms_per_token", "stopped")}}), flush=True)
 
     result = {"config": {"model": args.model, "seed": args.seed, "seconds": seconds, "segment_s": segment_s,
                          "budget_s": args.budget_s, "full_budget_s": args.full_budget_s,

@@ -51,8 +51,8 @@ from svlm_jax import demo, prompt
 from svlm_jax.config import ModelConfig, TextConfig, VisionConfig
 from svlm_jax.model import text
 from svlm_jax.model.params import Model
-from svlm_jax.synth import (DatasetConfig, Match, MatchConfig, match_intro, memory_ages, score_commentary,
-                            stream_seconds, summarize_scores, write_dataset)
+from svlm_jax.synth import (LONG_MEMORY_S, DatasetConfig, Match, MatchConfig, match_intro, memory_ages,
+                            score_commentary, stream_seconds, summarize_scores, write_dataset)
 from svlm_jax.synth.commentary import SIDES
 from svlm_jax.synth.dataset import stream_start
 from svlm_jax.tokenizer import Tokenizer, train_tokenizer
@@ -514,7 +514,7 @@ def evaluate(model_dir: Path, seconds: int, seed: int = demo.DEMO_SEED) -> dict:
     examples = [{"second": t.second, "truth": t.text, "predicted": p, "memory_age_s": a}
                 for t, p, a in zip(truths, texts, ages) if a is not None][:30]
     return {"seed": seed, "seconds": seconds, "wall_s_with_compilation": wall,
-            **summarize_scores(scores, ages, demo.LONG_MEMORY_S),
+            **summarize_scores(scores, ages, LONG_MEMORY_S),
             "event_accuracy_by_kind": {k: right_by_kind[k] / n for k, n in sorted(by_kind.items())},
             "score_accuracy_by_kind": {k: scores_right_by_kind[k] / n for k, n in sorted(scores_by_kind.items())},
             "facts_by_kind": dict(sorted(by_kind.items())), "score_examples": examples}

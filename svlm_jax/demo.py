@@ -19,8 +19,8 @@ from svlm_jax.media.subtitles import VttWriter
 from svlm_jax.model.params import Model
 from svlm_jax.sampling import SamplingConfig
 from svlm_jax.session import StreamConfig, StreamingSession
-from svlm_jax.synth import (Match, MatchConfig, RenderConfig, StreamSecond, match_intro, memory_ages,
-                            score_commentary, stream_seconds, summarize_scores)
+from svlm_jax.synth import (LONG_MEMORY_S, Match, MatchConfig, RenderConfig, StreamSecond, match_intro,
+                            memory_ages, score_commentary, stream_seconds, summarize_scores)
 from svlm_jax.synth.dataset import opening_frame, write_video
 from svlm_jax.tokenizer import Tokenizer
 from svlm_jax.weights import load_pretrained
@@ -35,9 +35,6 @@ VISION_TOKENS_PER_SECOND = 16  # a 112x112 frame pair: 8x8 patches of 14 px, mer
 # Greedy, so a seed always gives the same commentary.
 STREAM = StreamConfig(vision_window_s=8, text_rounds=16, text_sink=64, text_window=192, max_new_tokens=20,
                       sampling=SamplingConfig(temperature=0.0, repetition_penalty=1.0))
-# A stated score whose last change is older than this is long-remembered: past the demo's vision
-# window and the paper's 16 s one, only the commentary history can carry it.
-LONG_MEMORY_S = 16
 
 
 def load_model(model_dir: Path = DEMO_MODEL_DIR) -> tuple[Model, Tokenizer]:

@@ -2,6 +2,7 @@
 ground-truth commentary (world -> render -> commentary -> dataset)."""
 
 from svlm_jax.synth.commentary import (
+    LONG_MEMORY_S,
     Commentator,
     Fact,
     SecondScore,
@@ -27,7 +28,7 @@ from svlm_jax.synth.render import RenderConfig, render_frame, render_second
 from svlm_jax.synth.world import Event, Match, MatchConfig, SecondRecord
 
 __all__ = [
-    "Commentator", "DatasetConfig", "Event", "Fact", "Match", "MatchConfig", "RenderConfig",
+    "LONG_MEMORY_S", "Commentator", "DatasetConfig", "Event", "Fact", "Match", "MatchConfig", "RenderConfig",
     "SecondRecord", "SecondScore", "SecondTruth", "StreamSecond", "StreamWindow", "Word",
     "match_intro", "memory_ages", "parse_facts", "render_frame", "render_second", "score_commentary",
     "score_consistency", "stream_seconds",

@@ -257,6 +257,11 @@ def score_commentary(predicted: Sequence[str], truth: Sequence[SecondTruth]) -> 
     return scores
 
 
+# A stated score whose last change is older than this is long-remembered: past the demo's 8 s
+# vision window and the paper's 16 s one, only the commentary history can carry it.
+LONG_MEMORY_S = 16
+
+
 def score_consistency(predicted: Sequence[str]) -> list[bool | None]:
     """For each predicted second (in order from the stream's start): whether every score it states
     is the one the commentary's own earlier statements imply (its last stated score, 0-0 before any,
@@ -292,7 +297,7 @@ def memory_ages(truths: Sequence[SecondTruth]) -> list[int | None]:
 
 
 def summarize_scores(scores: Sequence[SecondScore], ages: Sequence[int | None] | None = None,
-                     long_s: int = 16, consistent: Sequence[bool | None] | None = None) -> dict[str, float]:
+                     long_s: int = LONG_MEMORY_S, consistent: Sequence[bool | None] | None = None) -> dict[str, float]:
     """Accuracy over all seconds, then separately over eventful and silent seconds and over the
     scores due (goals and recaps). With `ages` (memory_ages of the same seconds) also over the
     scores last changed more than `long_s` seconds before (those only memory can carry). With
