@@ -5,9 +5,10 @@
     python -m experiments.ablations --sft non_overlapped=DIR   # adds the SFT ablation
 
 Every variant streams the same held-out match (seed `demo.DEMO_SEED`, never trained on) second
-by second through `StreamingSession`, greedy, one stream, and is scored per second by the synth
-scorer. Variants differ from `ours` (the demo's cache: streaming scheme, contiguous positions,
-8 s of vision in 16 rounds, text sink 64 + window 192 tokens) in one setting each:
+by second through `StreamingSession` (the baselines through `BaselineSession`), greedy, one stream,
+and is scored per second by the synth scorer. Variants differ from `ours` (the demo's cache:
+streaming scheme, contiguous positions, 8 s of vision in 16 rounds, text sink 64 + window 192
+tokens) in one setting each:
   full             nothing evicted, until its memory budget (`--full-budget-s` seconds of video)
   sliding          a fresh context every 16 s (no overlap)
   sliding_overlap  every second, the last 16 s re-encoded and re-prefilled (overlap)
@@ -45,32 +46,42 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import RESULTS, git_commit, write_result
+from experiments.common import RESULTS, config_record, git_commit, make_session, write_result
 from svlm_jax import demo
-from svlm_jax.session import CacheFullError, StreamConfig, StreamingSession
+from svlm_jax.streaming import CacheFullError, StreamConfig
 from svlm_jax.synth import (LONG_MEMORY_S, MatchConfig, RenderConfig, SecondTruth, memory_ages,
                             score_commentary, score_consistency, stream_seconds, summarize_scores)
 
 OURS = demo.STREAM
+
+
+def with_policy(config: StreamConfig, **changes) -> StreamConfig:
+    return dataclasses.replace(config, policy=dataclasses.replace(config.policy, **changes))
+
+
+# Each variant: (scheme, stream config); `ours` is the streaming cache with the demo's config.
 VARIANTS = {
-    "ours": OURS,
-    "full": dataclasses.replace(OURS, scheme="full"),
-    "sliding": dataclasses.replace(OURS, scheme="sliding"),
-    "sliding_overlap": dataclasses.replace(OURS, scheme="sliding_overlap"),
-    "native": dataclasses.replace(OURS, pos_mode="native"),
-    "vision_4s": dataclasses.replace(OURS, vision_window_s=4),
-    "vision_16s": dataclasses.replace(OURS, vision_window_s=16),
-    "no_sink": dataclasses.replace(OURS, text_sink=0, text_window=OURS.text_sink + OURS.text_window),
-    "short_text": dataclasses.replace(OURS, text_sink=16, text_window=48),
-    "rounds_4": dataclasses.replace(OURS, text_rounds=4),
-    "rounds_4_no_text": dataclasses.replace(OURS, text_rounds=4, text_sink=0, text_window=0),
+    "ours": ("streaming", OURS),
+    "full": ("full", OURS),
+    "sliding": ("sliding", OURS),
+    "sliding_overlap": ("sliding_overlap", OURS),
+    "native": ("streaming", dataclasses.replace(OURS, pos_mode="native")),
+    "vision_4s": ("streaming", with_policy(OURS, vision_window_s=4)),
+    "vision_16s": ("streaming", with_policy(OURS, vision_window_s=16)),
+    "no_sink": ("streaming", with_policy(OURS, text_sink=0,
+                                         text_window=OURS.policy.text_sink + OURS.policy.text_window)),
+    "short_text": ("streaming", with_policy(OURS, text_sink=16, text_window=48)),
+    "rounds_4": ("streaming", with_policy(OURS, text_rounds=4)),
+    "rounds_4_no_text": ("streaming", with_policy(OURS, text_rounds=4, text_sink=0, text_window=0)),
 }
+FULL_BUDGET_S = 600  # full attention's memory budget, seconds of video (--full-budget-s)
 
 
-def stream_variant(model, tokenizer, config: StreamConfig, seed: int, seconds: int, budget_s: float) -> dict:
+def stream_variant(model, tokenizer, scheme: str, config: StreamConfig, seed: int, seconds: int, budget_s: float,
+                   full_max_s: int = FULL_BUDGET_S) -> dict:
     """Per-second texts, truths, generated token counts and wall times of one variant."""
-    session = StreamingSession(model, tokenizer, demo.match_stream(seed, config),
-                               preprocess=tokenizer.vision_preprocess)
+    session = make_session(model, tokenizer, scheme, demo.match_stream(seed, config), full_max_s=full_max_s,
+                           preprocess=tokenizer.vision_preprocess)
     texts, truths, n_tokens, walls, stopped = [], [], [], [], None
     started = time.perf_counter()
     for item in itertools.islice(stream_seconds(MatchConfig(seed), RenderConfig()), seconds):
@@ -264,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=60.0, help="stream length per variant")
     ap.add_argument("--segment-minutes", type=float, default=10.0)
     ap.add_argument("--budget-s", type=float, default=600.0, help="wall-time budget per variant")
-    ap.add_argument("--full-budget-s", type=int, default=600, help="full attention's memory budget, video seconds")
+    ap.add_argument("--full-budget-s", type=int, default=FULL_BUDGET_S,
+                    help="full attention's memory budget, video seconds")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--sft", nargs="*", default=[], metavar="NAME=DIR",
                     help="models for the SFT ablation, streamed with the `ours` cache")
@@ -279,22 +291,23 @@ def main(argv: list[str] | None = None) -> None:
     memory_age_s = LONG_MEMORY_S
 
     models = {"": demo.load_model(Path(args.model))}
-    runs = [(name, "", dataclasses.replace(VARIANTS[name], full_max_s=args.full_budget_s)) for name in args.variants]
+    runs = [(name, "", *VARIANTS[name]) for name in args.variants]
     for spec in args.sft:
         name, _, model_dir = spec.partition("=")
         if not model_dir:
             ap.error(f"--sft takes NAME=DIR, got {spec!r}")
         models[name] = demo.load_model(Path(model_dir))
-        runs.append((f"sft_{name}", name, OURS))
+        runs.append((f"sft_{name}", name, "streaming", OURS))
 
     variants = previous_variants(out_dir / "ablations.json", args.seed, seconds) if args.merge else {}
     truths = None
-    for name, model_key, config in runs:
+    for name, model_key, scheme, config in runs:
         model, tokenizer = models[model_key]
-        run = stream_variant(model, tokenizer, config, args.seed, seconds, args.budget_s)
+        run = stream_variant(model, tokenizer, scheme, config, args.seed, seconds, args.budget_s, args.full_budget_s)
         if truths is None or len(run["truths"]) > len(truths):
             truths = run["truths"]
-        variants[name] = {"config": dataclasses.asdict(config), "commit": git_commit(),
+        variants[name] = {"config": config_record(scheme, config, full_max_s=args.full_budget_s),
+                          "commit": git_commit(),
                           **summarize(run, segment_s, memory_age_s)}
         print(json.dumps({"variant": name, **{k: variants[name][k] for k in (
             "seconds", "accuracy", "event_accuracy", "score_accuracy", "memory_accuracy", "score_consistency",

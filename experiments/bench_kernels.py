@@ -1,5 +1,9 @@
 """Pallas attention kernels vs jax.nn.dot_product_attention (xla, cudnn) at 7B streaming and training shapes.
 
+Each config kind is one `kernels_pallas.api` operation on backend="pallas": decode ->
+cached_decode_attention, prefill -> cached_prefill_attention, vision -> segment_attention,
+train -> causal_attention.
+
 On an H100:   PYTHONPATH=. python experiments/bench_kernels.py
 CPU check:    PYTHONPATH=. python experiments/bench_kernels.py --smoke --out /tmp/bench_kernels.json
 
@@ -27,13 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import write_result
-from kernels_pallas import api, reference
+from kernels_pallas import api, reference, rotary
 
 
-def rope_for(head_dim: int) -> reference.RotarySpec:
+def rope_for(head_dim: int) -> rotary.RotarySpec:
     """Qwen2.5-VL's M-RoPE ((16, 24, 24) of 64 frequency pairs at head_dim 128), scaled to head_dim."""
     pairs = head_dim // 2
-    return reference.RotarySpec(theta=1e6, mrope_section=(pairs // 4, 3 * pairs // 8, 3 * pairs // 8))
+    return rotary.RotarySpec(theta=1e6, mrope_section=(pairs // 4, 3 * pairs // 8, 3 * pairs // 8))
 
 REFERENCE_MAX_LOGITS = 2_000_000_000  # dense f32 logits of the reference check: ~3 x 8 GB at most
 
@@ -41,8 +45,8 @@ REFERENCE_MAX_LOGITS = 2_000_000_000  # dense f32 logits of the reference check:
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One benchmark shape. kind: decode | prefill | vision | train. q: new queries (decode,
-    prefill) or tokens (vision, train); cache: cache slots of which `fill` hold keys; window:
-    vision window / train document length (tokens)."""
+    prefill) or tokens (vision, train); cache: cache slots of which `fill` hold keys (cached before
+    RoPE: decode and prefill need `rope`); window: vision window / train document length (tokens)."""
     name: str
     kind: str
     b: int
@@ -128,11 +132,15 @@ def variants(cfg: Config):
     before RoPE, every variant's time includes rotating them (in XLA, as the Pallas path does too)."""
     ids = lambda x: (x["q_segment"], x["kv_segment"], x["q_order"], x["kv_order"])
     rope = rope_for(cfg.h)
-    rotated = lambda x: reference.rotate_keys(x["k"], x["k_positions"], rope) if cfg.rope else x["k"]
+    rotated = lambda x: rotary.rotate_keys(x["k"], x["k_positions"], rope) if cfg.rope else x["k"]
 
     def ours(x):
-        rotation = dict(k_positions_bk3=x["k_positions"], rope=rope) if cfg.rope else {}
-        return api.attention(x["q"], x["k"], x["v"], *ids(x), impl="pallas", **rotation)
+        if cfg.kind == "vision":
+            return api.segment_attention(x["q"], x["k"], x["v"], x["q_segment"], x["kv_segment"], backend="pallas")
+        if cfg.kind == "train":
+            return api.causal_attention(x["q"], x["k"], x["v"], *ids(x), backend="pallas")
+        op = api.cached_decode_attention if cfg.kind == "decode" else api.cached_prefill_attention
+        return op(x["q"], x["k"], x["v"], *ids(x), k_positions_bk3=x["k_positions"], rope=rope, backend="pallas")
 
     def dpa(implementation):
         return lambda x: jax.nn.dot_product_attention(x["q"], rotated(x), x["v"], mask=dpa_mask(x),
@@ -252,7 +260,7 @@ def main(argv=None) -> dict:
             reps = 1 if args.smoke else (50 if cfg.kind == "decode" else 5)
             report["results"].append(bench_config(cfg, dtype, peak, reps, samples, rng))
             # Written after every config, so a run stopped early keeps what it measured.
-            out = write_result("bench_kernels", {**report, "pallas_fallbacks": api.fallbacks()}, args.out)
+            out = write_result("bench_kernels", report, args.out)
     print(f"wrote {out}")
     return report
 

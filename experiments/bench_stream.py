@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -119,7 +120,7 @@ class Probe:
     def __init__(self, engine, vision):
         self.engine = engine
         self.round_step, self.replay_round = engine.round_step, engine.replay_round
-        self.vision = jax.jit(vision.encode, static_argnums=0)
+        self.vision = jax.jit(vision.encode, static_argnums=0, static_argnames="attention_backend")
         self.prefill = jax.jit(lambda model, spec, *a: engine._begin_and_prefill(model, spec, *a)[1],
                                static_argnums=1)
         self.measure, self.compiled, self.times = False, False, {}
@@ -132,16 +133,17 @@ class Probe:
         self.engine.round_step, self.engine.replay_round = self.round_step, self.replay_round
 
     def timed_round_step(self, model, spec, state, inputs, rows, layout, keys, collect_logits=False):
-        vision_args = (model.config.vision, model.params.vision, rows.reshape(-1, rows.shape[-1]), layout)
-        prefill_args = (model, spec, state, inputs, rows, layout)
+        encode = functools.partial(self.vision, model.config.vision, model.params.vision,
+                                   rows.reshape(-1, rows.shape[-1]), layout, attention_backend=spec.attention_backend)
+        prefill = functools.partial(self.prefill, model, spec, state, inputs, rows, layout)
         if not self.compiled:  # at round 0, which is never measured
-            jax.block_until_ready((self.vision(*vision_args), self.prefill(*prefill_args)))
+            jax.block_until_ready((encode(), prefill()))
             self.compiled = True
         if self.measure:
-            t_vision = _timed(self.vision, *vision_args)
-            t_prefill = _timed(self.prefill, *prefill_args)
+            t_vision, t_prefill = _timed(encode), _timed(prefill)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(self.round_step(model, spec, state, inputs, rows, layout, keys, collect_logits))
+        out = jax.block_until_ready(self.round_step(model, spec, state, inputs, rows, layout, keys,
+                                                    collect_logits=collect_logits))
         if self.measure:
             self.times.update(vision=t_vision, prefill=t_prefill, round=time.perf_counter() - t0)
         return out
@@ -153,9 +155,9 @@ class Probe:
         return out
 
 
-def _timed(fn, *args) -> float:
+def _timed(fn) -> float:
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn())
     return time.perf_counter() - t0
 
 
@@ -186,19 +188,19 @@ def run_rounds(step, video_s: int, points: list[int], measure: int, budget_s: fl
 
 def jax_worker(scheme: str, args, preset: Preset, workdir: Path) -> dict:
     import svlm_jax
-    from svlm_jax import engine
+    from experiments.common import make_session
     from svlm_jax.model import vision
-    from svlm_jax.sampling import SamplingConfig
-    from svlm_jax.session import StreamConfig, StreamingSession
+    from svlm_jax.stream_format import CachePolicy
+    from svlm_jax.streaming import SamplingConfig, StreamConfig, engine
     from svlm_jax.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(workdir / "tokenizer")
     model = svlm_jax.load_pretrained(workdir / "model", dtype=preset.dtype)
-    config = StreamConfig(**WINDOWS, max_new_tokens=args.tokens, scheme=scheme, full_max_s=preset.full_max_s,
+    config = StreamConfig(policy=CachePolicy(**WINDOWS, max_new_tokens=args.tokens),
                           sampling=SamplingConfig(temperature=0.0, repetition_penalty=1.0))
-    session = StreamingSession(model, tok, config)
+    session = make_session(model, tok, scheme, config, full_max_s=preset.full_max_s)
     session._ensure_engine(preset.grid)
-    session._spec = dataclasses.replace(session._spec, im_end=-1)  # never stop before `tokens`
+    session._specs[False] = dataclasses.replace(session._specs[False], im_end=-1)  # never stop before `tokens`
     frames = frame_pool(preset.grid)
     gpu = jax.devices()[0].platform == "gpu"
     probe = Probe(engine, vision)

@@ -1,7 +1,9 @@
-"""What every benchmark records next to its numbers: device, versions, commit."""
+"""What every benchmark records next to its numbers (device, versions, commit), and the session of
+a scheme: `streaming` (the product) or one of the paper's baselines."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -9,6 +11,10 @@ import subprocess
 from pathlib import Path
 
 import jax
+
+from svlm_jax.media.preprocess import VisionPreprocessConfig
+from svlm_jax.streaming import BaselineSession, StreamConfig, StreamingSession
+from svlm_jax.streaming.session import STREAM_PREPROCESS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,3 +59,18 @@ def write_result(name: str, payload: dict, out: str | Path | None = None) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**environment(), **payload}, indent=2))
     return path
+
+
+def make_session(model, tokenizer, scheme: str, config: StreamConfig, *, full_max_s: int,
+                 preprocess: VisionPreprocessConfig = STREAM_PREPROCESS) -> StreamingSession:
+    """The session of `scheme`; `full_max_s` is the full-attention baseline's memory budget."""
+    if scheme == "streaming":
+        return StreamingSession(model, tokenizer, config, preprocess=preprocess)
+    return BaselineSession(model, tokenizer, config, scheme=scheme, full_max_s=full_max_s, preprocess=preprocess)
+
+
+def config_record(scheme: str, config: StreamConfig, **settings) -> dict:
+    """A run's stream settings as results record them: the cache policy's fields at the top level,
+    beside the scheme and `settings`."""
+    fields = dataclasses.asdict(config)
+    return {**fields.pop("policy"), **fields, "scheme": scheme, **settings}

@@ -12,8 +12,9 @@ generate/streaming_cache.py, qwen2_5/language_forward.py and model_forward.py, "
   all retained tokens are recomputed (the model's `get_rope_index`) and RoPE is applied to the
   whole cache of every layer.
 Vision and text leave together (16 s vision = 16 text rounds, the benchmark's setting). Greedy with
-the vision placeholders suppressed (as the session does), exactly `max_new` tokens fed per round (as the JAX engine with im_end disabled). Token layout of a
-round comes from `svlm_jax.prompt`, so both sides process the same tokens.
+the vision placeholders suppressed (as the session does), exactly `max_new` tokens fed per round
+(as the JAX engine with im_end disabled). The tokens come from `svlm_jax.stream_format`, the one
+stream format, so both sides process the same tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
 
-from svlm_jax import prompt
+from svlm_jax.stream_format import StreamFormat, round_query, truncate_previous
 
 TEXT, VIDEO = 0, 2  # mm_token_type_ids of transformers' get_rope_index
 
@@ -44,20 +45,18 @@ class HFStreamingReference:
         self.suppress = torch.tensor([c.image_token_id, c.video_token_id, c.vision_start_token_id,
                                       c.vision_end_token_id], device=self.device)
         self.rounds, self.sink, self.window, self.max_new = rounds, text_sink, text_window, max_new
-        self.ct = prompt.ChatTokens.from_tokenizer(tokenizer.token_id, tokenizer.encode)
-        self.enc = tokenizer.encode
+        self.format = StreamFormat.from_tokenizer(tokenizer)
         self.ids: list[int] = []
         self.types: list[int] = []
         n_layers = len(self.lm.layers)
         self.k: list[torch.Tensor | None] = [None] * n_layers  # [1, kv heads, S, head dim], before RoPE
         self.v: list[torch.Tensor | None] = [None] * n_layers
-        head = prompt.system_block(self.ct, self.enc) + prompt.previous_header(self.ct, self.enc)
-        self.head_len, self.n_prev = len(head), 0
-        self.footer_len = len(prompt.previous_footer(self.ct))
+        head, footer = self.format.head_ids(), self.format.footer_ids()
+        self.head_len, self.n_prev, self.footer_len = len(head), 0, len(footer)
         self.round_spans: list[dict] = []  # per retained round: length, generated offset and count
         self.round_index = 0
         self.n_blocks = 0  # vision blocks retained
-        prefix = head + prompt.previous_footer(self.ct)
+        prefix = head + footer
         with torch.no_grad():
             self._forward(self._embed(prefix, [TEXT] * len(prefix)))
 
@@ -72,19 +71,20 @@ class HFStreamingReference:
         """One second: evict, encode the frames' patch rows [P, 1176], prefill, decode `max_new`
         tokens. Returns the tokens and the milliseconds of vision, prefill (eviction included) and
         decode."""
+        fmt = self.format
         t0 = self._now()
         if len(self.round_spans) == self.rounds:
             self._evict_oldest()
         new = []
         if self.round_spans:  # close the previous round: generation was cut at max_new
             last = self.round_spans[-1]
-            closing = ([] if self.ids[-1] == self.ct.im_end else [*self.ct.end_marker, self.ct.im_end])
-            closing += prompt.round_tail(self.ct)
+            closing = [] if self.ids[-1] == fmt.special.im_end else fmt.close_ids()
+            closing += fmt.tail_ids()
             last["length"] += len(closing)
             new += closing
-        query = prompt.QUERY if self.round_index == 0 else None
-        before, after = prompt.user_turn(self.ct, self.enc, t_start, t_end, query)
-        own = before + [self.ct.video_pad] * self.n_vision + after
+        query = round_query(fmt.query, self.round_index, has_previous=False)
+        before, after = fmt.prompt_ids(t_start, t_end, query)
+        own = before + [fmt.special.video_pad] * self.n_vision + after
         new += own
         types = [TEXT] * (len(new) - self.n_vision - len(after)) + [VIDEO] * self.n_vision + [TEXT] * len(after)
         t1 = self._now()
@@ -129,9 +129,8 @@ class HFStreamingReference:
         old = self.round_spans.pop(0)
         start = self.head_len + self.n_prev + self.footer_len
         moved = range(start + old["gen_off"], start + old["gen_off"] + old["n_gen"])
-        previous = list(range(self.head_len, self.head_len + self.n_prev)) + list(moved)
-        if len(previous) > self.sink + self.window:
-            previous = previous[:self.sink] + previous[len(previous) - self.window:]
+        previous = truncate_previous([*range(self.head_len, self.head_len + self.n_prev), *moved], self.sink,
+                                     self.window)
         footer = range(self.head_len + self.n_prev, start)
         keep = [*range(self.head_len), *previous, *footer, *range(start + old["length"], len(self.ids))]
         self.n_prev = len(previous)

@@ -10,16 +10,17 @@ itself resumes from its latest checkpoint):
                 format's words, with a preprocessor_config.json that keeps the 112x112 frames as
                 they are (8x8 patches, 16 vision tokens per second) for training and streaming alike
   3. init       random weights of the demo architecture (DEMO_ARCHITECTURE) as an HF directory
-  4. pretrain   the LM alone on commentary text of other matches (next-token prediction): the
+  4. pretrain   the LM alone on commentary text of other matches (next-token prediction, with
+                svlm_jax.train's step on rows of text, `step.text_batch`): the
                 miniature of starting from a pretrained LLM, which can already copy from context
                 (repeating the last stated score is copying): plain text, in dense cheap rows;
                 `--goal-text-steps N --score-steps M` go on with goal-dense matches
                 (SCORE_TEXT_PACE), N steps on every token, then M on the score numbers alone: this
                 teaches adding a goal (trained on every token at the demo's pace the LM guesses
                 which number a goal raises: 75% of held-out goal score words, 99.6% after 300 and
-                200 steps); measured, not in the bundled model (README), so off.
+                200 steps); measured, not in the bundled model (experiments/README.md), so off.
                 `--chat-steps N` adds N steps on the text in the chat format without frames
-                (`data.chunk_tokens` with no video tokens); measured to hurt (README), so off
+                (`StreamFormat.flat_chunk` with no video tokens); measured to hurt (experiments/README.md), so off
   5. train      overlapped-chunk SFT (`svlm_jax.train.run.main_train`) on a generated TOML config
   6. export     float32 HF checkpoint into svlm_jax/assets/demo_model/
   7. evaluate   stream the held-out seed `demo.DEMO_SEED` through StreamingSession as the demo does
@@ -43,20 +44,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import svlm_jax
 from experiments.common import RESULTS, write_result
-from svlm_jax import demo, prompt
+from svlm_jax import demo
 from svlm_jax.config import ModelConfig, TextConfig, VisionConfig
-from svlm_jax.model import text
 from svlm_jax.model.params import Model
+from svlm_jax.stream_format import END_MARKER, QUERY, SYSTEM, CachePolicy, StreamFormat, time_label
 from svlm_jax.synth import (LONG_MEMORY_S, DatasetConfig, Match, MatchConfig, match_intro, memory_ages,
                             score_commentary, stream_seconds, summarize_scores, write_dataset)
 from svlm_jax.synth.commentary import SIDES
 from svlm_jax.synth.dataset import stream_start
 from svlm_jax.tokenizer import Tokenizer, train_tokenizer
-from svlm_jax.train import data, step
+from svlm_jax.train import data, sharding, step
 from svlm_jax.train.run import main_export, main_train, model_for_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,8 +125,8 @@ def make_tokenizer(work: Path) -> Path:
         return out
     texts = clip_texts(TOKENIZER_STREAMS)
     # The chat format's own words, so prompts tokenize into few tokens too.
-    times = [prompt.time_label(t, t + 1) for t in range(0, 4000, 7)]
-    texts += [prompt.SYSTEM, "system", "previous text", "user", "assistant", prompt.QUERY, prompt.END_MARKER,
+    times = [time_label(t, t + 1) for t in range(0, 4000, 7)]
+    texts += [SYSTEM, "system", "previous text", "user", "assistant", QUERY, END_MARKER,
               *times] * 20
     train_tokenizer(texts, TOKENIZER_VOCAB, out)
     (out / "preprocessor_config.json").write_text(json.dumps(
@@ -152,9 +152,9 @@ def commentary_windows(tok: Tokenizer, match: MatchConfig, minutes: int, length:
     joined by spaces), cut into windows of `length` tokens every `stride`, each opening with the
     match's intro as the text sink keeps it: (ids, labels = ids) each. Simulation only, no frames."""
     seconds = itertools.islice(stream_seconds(match, render_from=minutes * 60), minutes * 60)
-    ids = np.asarray(prompt.commentary_ids(tok.encode, [w for item in seconds for _, _, w in item.truth.words]),
-                     np.int32)
-    intro = np.asarray(prompt.previous_text_ids(tok.encode, match_intro(Match(match).teams)), np.int32)
+    fmt = StreamFormat.from_tokenizer(tok)
+    ids = np.asarray(fmt.commentary_ids([w for item in seconds for _, _, w in item.truth.words]), np.int32)
+    intro = np.asarray(fmt.previous_text_ids(match_intro(Match(match).teams)), np.int32)
     body = length - len(intro)
     windows = [np.concatenate([intro, ids[i:i + body]]) for i in range(0, len(ids) - body + 1, stride)]
     return [(w, w) for w in windows]
@@ -167,26 +167,26 @@ def commentary_rows(tok: Tokenizer, seeds, pace: MatchConfig, minutes: int, leng
                                                             length, stride)]
 
 
-def commentary_chunks(fmt: data.ChatFormat, spec: data.ChunkSpec, seed: int, minutes: int, n_chunks: int,
+def commentary_chunks(fmt: StreamFormat, spec: data.ChunkSpec, seed: int, minutes: int, n_chunks: int,
                       rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
     """`n_chunks` random chunks of a match's commentary from the kickoff, as the SFT lays them out
-    (`data.chunk_tokens`: system, previous text, then a user and an assistant turn per second) but
+    (`fmt.flat_chunk`: system, previous text, then a user and an assistant turn per second) but
     with no frames, so no video tokens: (ids [T], labels [T]) each. Simulation only, no rendering."""
     seconds = itertools.islice(stream_seconds(MatchConfig(seed), render_from=minutes * 60), minutes * 60)
     sample = data.Sample(video=None, video_start=0, video_end=minutes * 60,
                          words=tuple(w for item in seconds for w in item.truth.words),
                          previous=match_intro(Match(MatchConfig(seed)).teams))
-    rounds = data.sample_rounds(sample, spec)
+    rounds = data.sample_rounds(sample, fmt)
     bounds = data.chunk_bounds(len(rounds), spec)
-    return [data.chunk_tokens(fmt, spec, data.previous_ids(fmt, sample, rounds, start, spec), rounds[start:end],
-                              [0] * (end - start))
+    return [fmt.flat_chunk(data.previous_ids(fmt, sample, rounds, start, spec.policy), rounds[start:end],
+                           [0] * (end - start))
             for start, end in (bounds[i] for i in rng.choice(len(bounds), n_chunks, replace=False))]
 
 
-def padded_rows(chunks: list[tuple[np.ndarray, np.ndarray]], length: int,
-                pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chunks right-padded into ids [N, length], labels [N, length] (IGNORE on padding) and
-    real [N, length] (True on the chunks' own tokens)."""
+def text_rows(chunks: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chunks right-padded into ids [N, T], labels [N, T] (IGNORE on padding) and real [N, T] (True on
+    the chunks' own tokens); T - 1, the inputs' length, a multiple of 64."""
+    length = -(-(max(len(ids) for ids, _ in chunks) - 1) // 64) * 64 + 1
     ids = np.full((len(chunks), length), pad_id, np.int32)
     labels = np.full((len(chunks), length), data.IGNORE, np.int32)
     real = np.zeros((len(chunks), length), bool)
@@ -249,94 +249,77 @@ def _from_word_to_full_stop(word_bt: np.ndarray, full_stop_bt: np.ndarray) -> np
     return mask
 
 
-def text_loss(cfg, text_params, ids_bt, real_bt, counted_bt):
-    """Mean next-token cross-entropy of a text-only batch ids [B, T] over the targets counted_bt
-    [B, T-1] (real [B, T]: False on right padding, which attention skips), positions 0.. on all
-    three M-RoPE axes as Qwen2.5-VL gives text; and the logits [B, T-1, V]."""
-    b, t = ids_bt.shape[0], ids_bt.shape[1] - 1
-    order_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden = text.decode_hidden(cfg, text_params, text_params.embed_vd[ids_bt[:, :-1]],
-                                jnp.broadcast_to(order_bt[..., None], (b, t, 3)),
-                                real_bt[:, :-1].astype(jnp.int32), order_bt)
-    logits_btv = text.logits(text_params, hidden)
-    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, ids_bt[:, 1:])
-    return jnp.sum(jnp.where(counted_bt, nll_bt, 0.0)) / jnp.maximum(jnp.sum(counted_bt), 1), logits_btv
+def text_spec(cfg: ModelConfig, optim: step.OptimConfig = step.OptimConfig()) -> step.StepSpec:
+    """svlm_jax.train's step on text rows: the LM alone (the tower stays frozen), in float32 (bfloat16
+    matmuls are slow on CPUs), without remat (small activations)."""
+    return step.StepSpec(cfg, optim, compute_dtype="float32", freeze_vision=True, remat=False)
 
 
-class LMTrainer:
-    """Next-token training of the LM alone on padded text rows (ids, labels) [N, T] (see text_loss)."""
-
-    def __init__(self, cfg: TextConfig, pad_id: int, batch: int):
-        self.cfg, self.pad_id, self.batch = cfg, pad_id, batch
-
-    def rows(self, chunks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        length = -(-(max(len(ids) for ids, _ in chunks) - 1) // 64) * 64 + 1  # inputs: a multiple of 64 tokens
-        return padded_rows(chunks, length, self.pad_id)
-
-    def train(self, text_params, chunks, steps: int, lr: float, rng: np.random.Generator, name: str,
-              counted_nt=None):
-        """(trained text params, loss curve): `steps` updates on batches drawn from `chunks`, the loss
-        over every real target or, given a function of the padded ids [N, T], over its targets [N, T-1]."""
-        ids_nt, _, real_nt = self.rows(chunks)
-        counted_nt = real_nt[:, 1:] if counted_nt is None else counted_nt(ids_nt[:, 1:]) & real_nt[:, 1:]
-        tx = step.optimizer(step.OptimConfig(lr=lr, warmup_steps=steps // 20, total_steps=steps))
-
-        @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def update(text_params, opt_state, ids_bt, real_bt, counted_bt):
-            (loss, _), grads = jax.value_and_grad(functools.partial(text_loss, self.cfg), has_aux=True)(
-                text_params, ids_bt, real_bt, counted_bt)
-            updates, opt_state = tx.update(grads, opt_state, text_params)
-            return optax.apply_updates(text_params, updates), opt_state, loss
-
-        opt_state = tx.init(text_params)
-        curve, started = [], time.perf_counter()
-        for i in range(steps):
-            picks = rng.integers(0, len(ids_nt), self.batch)
-            text_params, opt_state, loss = update(text_params, opt_state, ids_nt[picks], real_nt[picks],
-                                                  counted_nt[picks])
-            if (i + 1) % 50 == 0:
-                curve.append({"step": i + 1, "loss": float(loss), "time_s": time.perf_counter() - started})
-                print(f"{name} pretraining step {i + 1:5d}  loss {float(loss):.4f}", flush=True)
-        return text_params, curve
-
-    def held_out(self, text_params, tok: Tokenizer, chunks) -> dict:
-        """Mean loss and the accuracy of the labelled score-number tokens (next-token argmax)."""
-        predict = jax.jit(lambda p, ids_bt, real_bt: text_loss(self.cfg, p, ids_bt, real_bt, real_bt[:, 1:]))
-        ids_nt, labels_nt, real_nt = self.rows(chunks)
-        losses, right, counted = [], Counter(), Counter()
-        for first in range(0, len(ids_nt), self.batch):
-            rows = slice(first, first + self.batch)
-            loss, logits_btv = predict(text_params, ids_nt[rows], real_nt[rows])
-            targets = ids_nt[rows, 1:]
-            labelled = labels_nt[rows, 1:] != data.IGNORE
-            mask = score_number_mask(tok, targets) & labelled
-            goal = goal_statement_mask(tok, targets)
-            correct = np.asarray(jnp.argmax(logits_btv, axis=-1)) == targets
-            losses.append(float(loss))
-            for kind, kind_mask in (("goal", mask & goal), ("recap", mask & ~goal),
-                                    ("side", side_word_mask(tok, targets) & labelled)):
-                right[kind] += int(correct[kind_mask].sum())
-                counted[kind] += int(kind_mask.sum())
-        n_right, n_counted = right["goal"] + right["recap"], counted["goal"] + counted["recap"]
-        return {"loss": float(np.mean(losses)), "score_tokens": n_counted,
-                "score_token_accuracy": n_right / max(n_counted, 1),
-                # a goal's numbers: one copied, one raised by the goal; and the scorer's side word
-                **{f"{kind}_score_tokens": counted[kind] for kind in ("goal", "recap")},
-                **{f"{kind}_score_token_accuracy": right[kind] / max(counted[kind], 1) for kind in ("goal", "recap")},
-                "side_tokens": counted["side"], "side_token_accuracy": right["side"] / max(counted["side"], 1)}
+def train_text(model: Model, chunks, pad_id: int, batch: int, steps: int, lr: float, rng: np.random.Generator,
+               name: str, counted=None) -> tuple[Model, list[dict]]:
+    """(trained model, loss curve): `steps` updates of svlm_jax.train's step on batches of `batch` rows
+    drawn from the padded `chunks` (text_rows), the loss over every real target or, given a function of
+    the padded ids [N, T], over its targets [N, T-1]."""
+    ids_nt, _, real_nt = text_rows(chunks, pad_id)
+    counted_nt = real_nt[:, 1:] if counted is None else counted(ids_nt[:, 1:]) & real_nt[:, 1:]
+    spec = text_spec(model.config, step.OptimConfig(lr=lr, warmup_steps=steps // 20, total_steps=steps))
+    mesh = sharding.make_mesh()
+    update = step.compile_step(spec, mesh, step.state_shardings(spec, model.params, mesh))
+    state = step.sharded_state(spec, model.params, mesh)  # the step donates it: model.params are gone after
+    curve, started = [], time.perf_counter()
+    for i in range(steps):
+        picks = rng.integers(0, len(ids_nt), batch)
+        batch_rows = step.text_batch(ids_nt[picks], real_nt[picks], counted_nt[picks])
+        state, metrics = update(state, sharding.put_batch(batch_rows, mesh))
+        if (i + 1) % 50 == 0:
+            loss = float(metrics["loss"])
+            curve.append({"step": i + 1, "loss": loss, "time_s": time.perf_counter() - started})
+            print(f"{name} pretraining step {i + 1:5d}  loss {loss:.4f}", flush=True)
+    return model.replace(params=state.params), curve
 
 
-def train_text_phase(trainer: LMTrainer, tok: Tokenizer, text_params, name: str, steps: int, chunks, lr: float,
-                     rng: np.random.Generator, counted, held_out: dict) -> tuple[object, dict]:
-    """One text pretraining phase (LMTrainer.train) and its report: loss curve, time, and the held-out
-    loss and score-number accuracies of each {format: rows} of `held_out`."""
+def text_held_out(model: Model, tok: Tokenizer, chunks, pad_id: int, batch: int) -> dict:
+    """On the padded `chunks` (text_rows): the mean of the batches' losses (the step's loss) and the
+    accuracy of the labelled score-number tokens (`svlm_jax.forward`'s next-token argmax)."""
+    loss_of = jax.jit(step.batch_loss, static_argnums=0)
+    spec = text_spec(model.config)
+    ids_nt, labels_nt, real_nt = text_rows(chunks, pad_id)
+    losses, right, counted = [], Counter(), Counter()
+    for first in range(0, len(ids_nt), batch):
+        rows = slice(first, first + batch)
+        losses.append(float(loss_of(spec, model.params, step.text_batch(ids_nt[rows], real_nt[rows],
+                                                                          real_nt[rows, 1:]))))
+        logits_btv = svlm_jax.forward(model, ids_nt[rows], attention_mask=real_nt[rows])
+        targets = ids_nt[rows, 1:]
+        labelled = labels_nt[rows, 1:] != data.IGNORE
+        mask = score_number_mask(tok, targets) & labelled
+        goal = goal_statement_mask(tok, targets)
+        correct = np.asarray(jnp.argmax(logits_btv[:, :-1], axis=-1)) == targets
+        for kind, kind_mask in (("goal", mask & goal), ("recap", mask & ~goal),
+                                ("side", side_word_mask(tok, targets) & labelled)):
+            right[kind] += int(correct[kind_mask].sum())
+            counted[kind] += int(kind_mask.sum())
+    n_right, n_counted = right["goal"] + right["recap"], counted["goal"] + counted["recap"]
+    return {"loss": float(np.mean(losses)), "score_tokens": n_counted,
+            "score_token_accuracy": n_right / max(n_counted, 1),
+            # a goal's numbers: one copied, one raised by the goal; and the scorer's side word
+            **{f"{kind}_score_tokens": counted[kind] for kind in ("goal", "recap")},
+            **{f"{kind}_score_token_accuracy": right[kind] / max(counted[kind], 1) for kind in ("goal", "recap")},
+            "side_tokens": counted["side"], "side_token_accuracy": right["side"] / max(counted["side"], 1)}
+
+
+def train_text_phase(model: Model, tok: Tokenizer, pad_id: int, args, name: str, steps: int, chunks,
+                     rng: np.random.Generator, counted, held_out: dict) -> tuple[Model, dict]:
+    """One text pretraining phase (train_text, args.text_batch rows at peak rate args.text_lr) and its
+    report: loss curve, time, and text_held_out of each {format: rows} of `held_out`."""
     started = time.perf_counter()
-    text_params, curve = trainer.train(text_params, chunks, steps, lr, rng, name, counted)
-    report = {"steps": steps, "batch": trainer.batch, "wall_s": time.perf_counter() - started,
+    model, curve = train_text(model, chunks, pad_id, args.text_batch, steps, args.text_lr, rng, name, counted)
+    report = {"steps": steps, "batch": args.text_batch, "wall_s": time.perf_counter() - started,
               "loss_on": "all" if counted is None else "score numbers", "loss_curve": curve,
-              "held_out": {fmt_name: trainer.held_out(text_params, tok, rows) for fmt_name, rows in held_out.items()}}
+              "held_out": {fmt_name: text_held_out(model, tok, rows, pad_id, args.text_batch)
+                           for fmt_name, rows in held_out.items()}}
     print(f"{name} pretraining held out: {report['held_out']}", flush=True)
-    return text_params, report
+    return model, report
 
 
 def plain_rows(tok: Tokenizer, args, seeds, stride: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -344,7 +327,7 @@ def plain_rows(tok: Tokenizer, args, seeds, stride: int) -> list[tuple[np.ndarra
     return commentary_rows(tok, seeds, MatchConfig(seed=0), args.text_minutes, args.text_length + 1, stride)
 
 
-def text_corpora(tok: Tokenizer, fmt: data.ChatFormat, spec: data.ChunkSpec, args, rng: np.random.Generator):
+def text_corpora(tok: Tokenizer, fmt: StreamFormat, spec: data.ChunkSpec, args, rng: np.random.Generator):
     """{format: function of (match seeds, stride) -> text rows}. Plain: dense, short rows, where copying
     the last score is learned cheaply. Chat: the SFT's layout without frames, whose turn tokens
     between two statements break plain-text copying until trained on."""
@@ -358,11 +341,11 @@ def text_after_sft(model_dir: Path, args) -> dict:
     """The trained model's LM on the text pretraining's held-out rows (the same rows: the rng is
     replayed): how much of the score copying learned from text survives SFT."""
     tok = Tokenizer.from_pretrained(model_dir)
-    fmt = data.ChatFormat.from_tokenizer(tok, model_dir)
     model = svlm_jax.load_pretrained(model_dir, "float32")
-    trainer = LMTrainer(model.config.text, fmt.pad_id, args.text_batch)
-    corpora = text_corpora(tok, fmt, chunk_spec(args), args, np.random.default_rng(args.seed))
-    return {name: trainer.held_out(model.params.text, tok, corpus(TEXT_HELD_OUT_SEEDS, args.text_length))
+    corpora = text_corpora(tok, StreamFormat.from_tokenizer(tok), chunk_spec(args), args,
+                           np.random.default_rng(args.seed))
+    return {name: text_held_out(model, tok, corpus(TEXT_HELD_OUT_SEEDS, args.text_length), data.pad_id(tok),
+                                args.text_batch)
             for name, corpus in corpora.items()}
 
 
@@ -376,26 +359,24 @@ def make_pretrained(work: Path, tokenizer_dir: Path, init_dir: Path, args) -> tu
     if args.text_steps == 0 and args.chat_steps == 0:
         return init_dir, {}
     tok = Tokenizer.from_pretrained(tokenizer_dir)
-    fmt, spec = data.ChatFormat.from_tokenizer(tok, tokenizer_dir), chunk_spec(args)
+    fmt, spec = StreamFormat.from_tokenizer(tok), chunk_spec(args)
     model = svlm_jax.load_pretrained(init_dir, "float32")
     rng = np.random.default_rng(args.seed)
-    trainer = LMTrainer(model.config.text, fmt.pad_id, args.text_batch)
     corpora = text_corpora(tok, fmt, spec, args, rng)
     held_out = {name: corpus(TEXT_HELD_OUT_SEEDS, args.text_length) for name, corpus in corpora.items()}
-    text_params, report = model.params.text, {}
+    report = {}
     for name, steps in (("plain", args.text_steps), ("chat", args.chat_steps)):
         if steps == 0:
             continue
         # Chat rows without frames: the loss on every token taught the model to name the team from
-        # the context (README); on the score numbers alone it can only teach copying the score.
+        # the context (experiments/README.md); on the score numbers alone it can only teach copying the score.
         counted = functools.partial(score_number_mask, tok) if name == "chat" and args.chat_loss == "scores" else None
-        text_params, report[name] = train_text_phase(trainer, tok, text_params, name, steps,
-                                                     corpora[name](TEXT_SEEDS, 64), args.text_lr, rng, counted,
-                                                     held_out)
+        model, report[name] = train_text_phase(model, tok, data.pad_id(tok), args, name, steps,
+                                               corpora[name](TEXT_SEEDS, 64), rng, counted, held_out)
     report["corpus"] = {"matches": len(TEXT_SEEDS), "held_out_matches": len(TEXT_HELD_OUT_SEEDS),
                         "minutes_per_match": args.text_minutes, "plain_row_tokens": args.text_length,
                         "chat_chunks_per_match": args.text_chunks}
-    svlm_jax.save_pretrained(Model(model.config, model.params.replace(text=text_params)), out)
+    svlm_jax.save_pretrained(model, out)
     report_path.write_text(json.dumps(report, indent=2))
     return out, report
 
@@ -414,10 +395,9 @@ def make_goal_trained(work: Path, tokenizer_dir: Path, pretrained_dir: Path, arg
         return pretrained_dir, {}
     tok = Tokenizer.from_pretrained(tokenizer_dir)
     model = svlm_jax.load_pretrained(pretrained_dir, "float32")
-    trainer = LMTrainer(model.config.text, data.ChatFormat.from_tokenizer(tok, tokenizer_dir).pad_id, args.text_batch)
+    pad_id = data.pad_id(tok)
     goal_dense = commentary_rows(tok, SCORE_TEXT_SEEDS, SCORE_TEXT_PACE, SCORE_TEXT_MINUTES, args.text_length + 1, 64)
     held_out = {"plain": plain_rows(tok, args, TEXT_HELD_OUT_SEEDS, args.text_length)}
-    text_params = model.params.text
     report = {"corpus": {"matches": len(SCORE_TEXT_SEEDS), "minutes_per_match": SCORE_TEXT_MINUTES,
                          "pace": dataclasses.asdict(SCORE_TEXT_PACE)}}
     for name, steps, chunks, counted in (("goals", args.goal_text_steps,
@@ -425,24 +405,23 @@ def make_goal_trained(work: Path, tokenizer_dir: Path, pretrained_dir: Path, arg
                                          ("scores", args.score_steps, goal_dense,
                                           functools.partial(memory_word_mask, tok))):
         if steps:
-            text_params, report[name] = train_text_phase(trainer, tok, text_params, name, steps, chunks, args.text_lr,
-                                                         np.random.default_rng(args.seed), counted, held_out)
-    svlm_jax.save_pretrained(Model(model.config, model.params.replace(text=text_params)), out)
+            model, report[name] = train_text_phase(model, tok, pad_id, args, name, steps, chunks,
+                                                   np.random.default_rng(args.seed), counted, held_out)
+    svlm_jax.save_pretrained(model, out)
     report_path.write_text(json.dumps(report, indent=2))
     return out, report
 
 
 def bucket_for(samples: Path, tokenizer_dir: Path, spec: data.ChunkSpec) -> tuple[int, int]:
     """One bucket holding the longest chunk (tokens rounded up to 64): a single compilation."""
-    tok = Tokenizer.from_pretrained(tokenizer_dir)
-    fmt = data.ChatFormat.from_tokenizer(tok, tokenizer_dir)
+    fmt = StreamFormat.from_tokenizer(Tokenizer.from_pretrained(tokenizer_dir))
     n_vision = demo.VISION_TOKENS_PER_SECOND
     longest = 0
     for sample in data.read_samples(samples):
-        rounds = data.sample_rounds(sample, spec)
+        rounds = data.sample_rounds(sample, fmt)
         for start, end in data.chunk_bounds(len(rounds), spec):
-            ids, _ = data.chunk_tokens(fmt, spec, data.previous_ids(fmt, sample, rounds, start, spec),
-                                       rounds[start:end], [n_vision] * (end - start))
+            ids, _ = fmt.flat_chunk(data.previous_ids(fmt, sample, rounds, start, spec.policy), rounds[start:end],
+                                    [n_vision] * (end - start))
             longest = max(longest, len(ids))
     return -(-longest // 64) * 64, spec.chunk_seconds * 4 * n_vision  # 4 patches per merged token
 
@@ -463,10 +442,12 @@ remat = false                  # small activations; recomputing them only costs 
 train = "{samples}"
 chunk_seconds = {spec.chunk_seconds}
 overlap_seconds = {spec.overlap_seconds}
-text_sink = {spec.text_sink}
-text_window = {spec.text_window}
 buckets = [[{tokens}, {patches}]]
 workers = 0
+
+[policy]
+text_sink = {spec.policy.text_sink}
+text_window = {spec.policy.text_window}
 
 [train]
 out_dir = "{work / 'run'}"
@@ -486,9 +467,10 @@ keep = 2
 
 
 def chunk_spec(args) -> data.ChunkSpec:
-    # The demo's cache policy, so training sees the previous text the demo will keep.
+    # The demo's previous-text policy, so training sees the previous text the demo will keep.
     return data.ChunkSpec(chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
-                          text_sink=demo.STREAM.text_sink, text_window=demo.STREAM.text_window)
+                          policy=CachePolicy(text_sink=demo.STREAM.policy.text_sink,
+                                             text_window=demo.STREAM.policy.text_window))
 
 
 def evaluate(model_dir: Path, seconds: int, seed: int = demo.DEMO_SEED) -> dict:
@@ -550,26 +532,25 @@ def teacher_forced_scores(model_dir: Path, samples: Path, seconds: int = 360) ->
     earlier statements were right (streaming feeds back its own). On held-out streams against
     training streams, it tells copying from remembering the training matches."""
     model, tok = demo.load_model(model_dir)
-    fmt = data.ChatFormat.from_tokenizer(tok, model_dir)
-    # chunks as long as the rounds streaming keeps in full, and its previous-text policy
-    spec = data.ChunkSpec(chunk_seconds=demo.STREAM.text_rounds, overlap_seconds=0,
-                          text_sink=demo.STREAM.text_sink, text_window=demo.STREAM.text_window)
+    fmt = StreamFormat.from_tokenizer(tok)
+    # chunks as long as the rounds streaming keeps in full, and its cache policy
+    spec = data.ChunkSpec(chunk_seconds=demo.STREAM.policy.text_rounds, overlap_seconds=0, policy=demo.STREAM.policy)
     right, total = {"goal": 0, "recap": 0}, {"goal": 0, "recap": 0}
     swapped = 0
     left = seconds
     for sample in (sample for sample in data.read_samples(samples) if "Score" in sample.previous):
         if left == 0:
             break
-        n = min(len(data.sample_rounds(sample, spec)), left)
+        n = min(len(data.sample_rounds(sample, fmt)), left)
         left -= n
         for start in range(0, n, spec.chunk_seconds):
             end = min(start + spec.chunk_seconds, n)
             chunk = data.chunk_from_frames(fmt, model.config, spec, tok.vision_preprocess, sample, start,
-                                           data.read_frames(sample, start, end, spec.fps))
+                                           data.read_frames(sample, start, end, spec.policy.fps))
             logits_btv = svlm_jax.forward(model, chunk.ids_t[None], pixel_values_videos=chunk.rows_pv,
                                           video_grid_thw=chunk.grids_s3,
-                                          second_per_grid_ts=[tok.vision_preprocess.temporal_patch_size / spec.fps]
-                                          * len(chunk.grids_s3))
+                                          second_per_grid_ts=[spec.policy.second_per_grid(
+                                              tok.vision_preprocess.temporal_patch_size)] * len(chunk.grids_s3))
             predicted = np.asarray(jnp.argmax(logits_btv, axis=-1))[0, :-1]
             targets = chunk.ids_t[1:]
             mask = score_number_mask(tok, targets[None])[0] & (chunk.labels_t[1:] != data.IGNORE)
@@ -621,11 +602,11 @@ def main() -> None:
     parser.add_argument("--text-length", type=int, default=256, help="tokens per plain text row")
     parser.add_argument("--chat-steps", type=int, default=0,
                         help="chat-format text pretraining steps after the plain ones (0: none; 100 made the"
-                             " model name one team for every event, see the README)")
+                             " model name one team for every event, see experiments/README.md)")
     parser.add_argument("--chat-loss", choices=("all", "scores"), default="all",
                         help="chat-format targets with a loss: every token, or the score numbers only")
     # The goal-dense text phases (stage 4b): measured with 300 and 200 steps, not in the bundled model
-    # (README).
+    # (experiments/README.md).
     parser.add_argument("--goal-text-steps", type=int, default=0,
                         help="text pretraining steps on goal-dense matches and the plain rows, every token (0: none)")
     parser.add_argument("--score-steps", type=int, default=0,

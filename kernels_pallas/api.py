@@ -1,123 +1,155 @@
-"""One dispatch per attention operation: `impl` is "pallas", "xla" or "cudnn"; None picks by platform.
+"""Attention operations, each with an explicit backend; semantics and axes in `reference.attention`.
 
-None means "pallas" on a GPU and "xla" (the jnp reference) elsewhere. "pallas" off a GPU runs the
-kernels in interpret mode (how the tests exercise them). Which Pallas kernel serves a call follows
-from its arguments:
-  * at most DECODE_MAX_QUERIES queries -> `decode` (split over the cache, flash-decoding);
-  * keys cached before RoPE (`rope`) -> `prefill` (keys rotated first, in XLA);
-  * order ids (causal) -> `flash_train` (the prefill forward, plus a Pallas backward: differentiable);
-  * segment ids only -> `vision` (block-diagonal windows / frames).
-Only the `flash_train` route has a gradient. On a GPU, each kernel configuration is compiled once
-ahead of use; if that fails, the call falls back to the reference with a one-line warning.
+Operations (ids are int arrays [B, Q] for queries and [B, K] for keys; outputs [B, Q, N, H]):
+  * `causal_attention`: packed causal documents (segment ids, causal by order ids), as in training.
+    Differentiable with every backend; its Pallas kernel is `flash_train` (forward and backward).
+  * `segment_attention`: block-diagonal segments only, no causality (vision windows and frames);
+    Pallas kernel `vision`.
+  * `cached_prefill_attention`: a chunk of queries against a cache of keys stored before RoPE (rotated
+    by `k_positions_bk3` with a `RotarySpec` first), causal by order ids; Pallas kernel `prefill`.
+  * `cached_decode_attention`: a few queries against that cache, order ids optional; Pallas kernel
+    `decode` (flash-decoding: the cache is split over programs).
+The Pallas kernels other than `flash_train` have no gradient.
+
+Backends: "xla" (the jnp reference: memory quadratic in sequence), "pallas" (this package's kernels,
+in interpret mode off a GPU: how the tests run them on CPU), "cudnn" (jax.nn.dot_product_attention
+on an NVIDIA GPU, bfloat16 / float16, mask built from the ids), and "auto".
+Precedence: a `backend` argument other than "auto" > the environment variable KERNELS_PALLAS_BACKEND
+(read when a call is traced) > "auto". "auto" is "pallas" on a GPU when the kernel supports the
+call's shapes and dtypes (`_pallas_problem`), else "xla". The choice is plain Python on static
+shapes, dtypes and the platform. A backend that was asked for (argument or environment variable)
+and cannot serve a call raises a ValueError; there is no fallback.
 """
 
 from __future__ import annotations
 
-import warnings
+import os
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
 from kernels_pallas import decode, flash_train, prefill, reference, vision
-from kernels_pallas.reference import RotarySpec
+from kernels_pallas.rotary import RotarySpec, rotate_keys
 
-IMPLS = ("pallas", "xla", "cudnn")
-DECODE_MAX_QUERIES = 16
+Backend = Literal["auto", "pallas", "xla", "cudnn"]
+BACKENDS = get_args(Backend)
+ENV_VAR = "KERNELS_PALLAS_BACKEND"
+OPERATIONS = ("causal_attention", "segment_attention", "cached_prefill_attention", "cached_decode_attention")
+PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Largest head dim the kernels have run with on a GPU (experiments/bench_kernels.py: 128, and 80
+# padded to 128); their tiles hold [block, head dim] float32 accumulators in registers.
+PALLAS_MAX_HEAD_DIM = 128
+# The decode kernel holds all rows (queries x query heads per kv head) of a kv head in one tile.
+DECODE_MAX_ROWS = 128
 
-__all__ = ["IMPLS", "RotarySpec", "attention", "default_impl", "fallbacks", "pallas_kernel"]
-
-# (kernel name, argument shapes and dtypes, static options) -> whether it compiled on this GPU.
-_COMPILES: dict = {}
-
-
-def default_impl() -> str:
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
-def attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
-              *, scale=None, impl=None, k_positions_bk3=None, rope: RotarySpec | None = None):
-    """Masked grouped-query attention; semantics in `reference.attention`.
-
-    q [B, Q, N, H], k and v [B, K, M, H], segment and order ids [B, Q] / [B, K] (int), optional key
-    positions [B, K, 3] with `rope` for keys cached before rotary embedding. Returns [B, Q, N, H].
-    """
-    impl = default_impl() if impl is None else impl
-    args = (q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk)
-    if impl == "xla":
-        return reference.attention(*args, scale=scale, k_positions_bk3=k_positions_bk3, rope=rope)
-    if impl == "cudnn":
-        return _cudnn_attention(*args, scale=scale, k_positions_bk3=k_positions_bk3, rope=rope)
-    if impl == "pallas":
-        return _pallas_attention(*args, scale=scale, k_positions_bk3=k_positions_bk3, rope=rope)
-    raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+__all__ = ["BACKENDS", "ENV_VAR", "OPERATIONS", "Backend", "RotarySpec", "cached_decode_attention",
+           "cached_prefill_attention", "causal_attention", "resolve_backend", "segment_attention"]
 
 
-def fallbacks() -> list[str]:
-    """Names of the Pallas kernels that did not compile here and fell back to the reference."""
-    return sorted({key[0] for key, compiled in _COMPILES.items() if not compiled})
+def causal_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk, *,
+                     scale=None, backend: Backend = "auto"):
+    """Keys visible within equal segments (> 0) and at order <= the query's; differentiable."""
+    return _dispatch("causal_attention", backend, flash_train.flash_attention, q_bqnh, k_bkmh, v_bkmh,
+                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale, rotation={})
 
 
-def pallas_kernel(num_queries: int, ordered: bool, rotated: bool):
-    """(name, function) of the Pallas kernel serving a call; see the module docstring."""
-    if num_queries <= DECODE_MAX_QUERIES:
-        return "decode", decode.decode_attention
-    if rotated:
-        return "prefill", prefill.prefill_attention
-    if ordered:
-        return "flash_train", flash_train.flash_attention
-    return "vision", vision.vision_attention
+def segment_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, *, scale=None,
+                      backend: Backend = "auto"):
+    """Keys visible within equal segments (> 0), no causality."""
+    return _dispatch("segment_attention", backend, vision.vision_attention, q_bqnh, k_bkmh, v_bkmh,
+                     (q_segment_bq, kv_segment_bk), scale=scale, rotation={})
 
 
-def _pallas_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk,
-                      *, scale, k_positions_bk3, rope):
-    name, kernel = pallas_kernel(q_bqnh.shape[1], q_order_bq is not None, rope is not None)
-    args = (q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk)
-    if q_order_bq is not None:
-        args += (q_order_bq, kv_order_bk)
-
-    def run(args, k_positions_bk3):
-        rotation = {} if rope is None else dict(k_positions_bk3=k_positions_bk3, rope=rope)
-        return kernel(*args, scale=scale, **rotation)
-
-    if jax.default_backend() == "gpu" and not _compiles(name, run, (args, k_positions_bk3), (scale, rope)):
-        return reference.attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk,
-                                   scale=scale, k_positions_bk3=k_positions_bk3, rope=rope)
-    return run(args, k_positions_bk3)
+def cached_prefill_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk, *,
+                             k_positions_bk3, rope: RotarySpec, scale=None, backend: Backend = "auto"):
+    """Queries (already rotated) against keys cached before RoPE, rotated by their slot positions
+    [B, K, 3]; visible within equal segments (> 0) and at order <= the query's."""
+    return _dispatch("cached_prefill_attention", backend, prefill.prefill_attention, q_bqnh, k_bkmh, v_bkmh,
+                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale,
+                     rotation=dict(k_positions_bk3=k_positions_bk3, rope=rope))
 
 
-def _compiles(name: str, run, operands, static) -> bool:
-    """Compiles `run(*operands)` (and its gradient for the training kernel) once per shapes and
-    static options; warns and returns False when the platform cannot, so callers fall back to the
-    reference instead of crashing."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), operands)
-    key = (name, str(abstract), static)
-    if key not in _COMPILES:
-        def with_gradient(args, k_positions_bk3):
-            out, vjp = jax.vjp(lambda q, k, v: run((q, k, v, *args[3:]), k_positions_bk3), *args[:3])
-            return vjp(out)
-
-        to_compile = with_gradient if name == "flash_train" else run
-        try:
-            jax.jit(to_compile).lower(*abstract).compile()
-            _COMPILES[key] = True
-        except Exception as err:  # noqa: BLE001 - any lowering/compile failure means: use the reference
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            warnings.warn(f"pallas {name} kernel does not compile here ({first_line[:200]}); using the xla reference",
-                          stacklevel=4)
-            _COMPILES[key] = False
-    return _COMPILES[key]
+def cached_decode_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None,
+                            kv_order_bk=None, *, k_positions_bk3, rope: RotarySpec, scale=None,
+                            backend: Backend = "auto"):
+    """`cached_prefill_attention` for a few queries (at most DECODE_MAX_ROWS rows for "pallas");
+    without order ids every key of the query's segment is visible."""
+    return _dispatch("cached_decode_attention", backend, decode.decode_attention, q_bqnh, k_bkmh, v_bkmh,
+                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale,
+                     rotation=dict(k_positions_bk3=k_positions_bk3, rope=rope))
 
 
-def _cudnn_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk,
-                     *, scale, k_positions_bk3, rope):
-    """jax.nn.dot_product_attention(implementation="cudnn") with the mask built from the ids."""
+def resolve_backend(op: str, backend: Backend, q_bqnh, k_bkmh, v_bkmh) -> str:
+    """The backend ("pallas", "xla" or "cudnn") that serves `op` on arrays of these shapes and dtypes
+    (precedence in the module docstring); raises ValueError when the requested one cannot."""
+    if op not in OPERATIONS:
+        raise ValueError(f"unknown attention operation {op!r}; expected one of {OPERATIONS}")
+    requested, source = _requested(backend)
+    pallas = _pallas_problem(op, q_bqnh, k_bkmh, v_bkmh)
+    if requested == "auto":
+        return "pallas" if jax.default_backend() == "gpu" and pallas is None else "xla"
+    problem = {"xla": None, "pallas": pallas, "cudnn": _cudnn_problem(q_bqnh, k_bkmh, v_bkmh)}[requested]
+    if problem is not None:
+        raise ValueError(f"{op}: backend {requested!r}{source} cannot serve this call: {problem}; "
+                         "use backend='xla' (the jnp reference) or 'auto'")
+    return requested
+
+
+def _pallas_problem(op: str, q_bqnh, k_bkmh, v_bkmh) -> str | None:
+    """Why the Pallas kernel of `op` does not support these arrays, or None when it does."""
+    dtypes = (q_bqnh.dtype, k_bkmh.dtype, v_bkmh.dtype)
+    if len(set(dtypes)) > 1:
+        return f"q, k and v have different dtypes {tuple(str(d) for d in dtypes)}"
+    if q_bqnh.dtype not in PALLAS_DTYPES:
+        return f"dtype {q_bqnh.dtype} is not float32, bfloat16 or float16"
+    if q_bqnh.shape[-1] > PALLAS_MAX_HEAD_DIM:
+        return f"head dim {q_bqnh.shape[-1]} is above {PALLAS_MAX_HEAD_DIM}"
+    if op == "cached_decode_attention":
+        q, g = q_bqnh.shape[1], q_bqnh.shape[2] // k_bkmh.shape[2]
+        if q * g > DECODE_MAX_ROWS:
+            return (f"{q} queries x {g} query heads per kv head = {q * g} rows exceed the decode kernel's "
+                    f"{DECODE_MAX_ROWS} (cached_prefill_attention serves query chunks)")
+    return None
+
+
+def _requested(backend: str) -> tuple[str, str]:
+    """(backend asked for, where it came from for messages) after the environment override of "auto"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    env = os.environ.get(ENV_VAR, "")
+    if backend != "auto" or env in ("", "auto"):
+        return backend, ""
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={env!r} is not one of {BACKENDS}")
+    return env, f" (from {ENV_VAR})"
+
+
+def _cudnn_problem(q_bqnh, k_bkmh, v_bkmh) -> str | None:
+    """Why jax.nn.dot_product_attention(implementation="cudnn") cannot serve these arrays, or None."""
     if jax.default_backend() != "gpu":
-        raise ValueError(f"impl='cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); "
-                         "use impl='xla' or 'pallas'")
-    if q_bqnh.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"impl='cudnn' supports bfloat16 and float16 only, not {q_bqnh.dtype}")
+        return f"cuDNN needs an NVIDIA GPU (the platform is {jax.default_backend()!r})"
+    dtypes = (q_bqnh.dtype, k_bkmh.dtype, v_bkmh.dtype)
+    if any(d not in (jnp.bfloat16, jnp.float16) for d in dtypes):
+        return f"cuDNN supports bfloat16 and float16 only, not {tuple(str(d) for d in dtypes)}"
+    return None
+
+
+def _dispatch(op: str, backend: Backend, pallas_kernel, q_bqnh, k_bkmh, v_bkmh, ids, *, scale, rotation):
+    """Runs `op` on the backend `resolve_backend` picks; ids are the segment (and order) ids."""
+    chosen = resolve_backend(op, backend, q_bqnh, k_bkmh, v_bkmh)
+    if chosen == "pallas":
+        return pallas_kernel(q_bqnh, k_bkmh, v_bkmh, *ids, scale=scale, **rotation)
+    if chosen == "cudnn":
+        return _cudnn_attention(q_bqnh, k_bkmh, v_bkmh, *ids, scale=scale, **rotation)
+    return reference.attention(q_bqnh, k_bkmh, v_bkmh, *ids, scale=scale, **rotation)
+
+
+def _cudnn_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
+                     *, scale, k_positions_bk3=None, rope=None):
+    """jax.nn.dot_product_attention(implementation="cudnn") with the mask built from the ids."""
     if rope is not None:
-        k_bkmh = reference.rotate_keys(k_bkmh, k_positions_bk3, rope)
+        k_bkmh = rotate_keys(k_bkmh, k_positions_bk3, rope)
     mask_bqk = reference.attention_mask(q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk)
     out_bqnh = jax.nn.dot_product_attention(q_bqnh, k_bkmh, v_bkmh, mask=mask_bqk[:, None], scale=scale,
                                             implementation="cudnn")

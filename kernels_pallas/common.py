@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels_pallas import reference
+from kernels_pallas import rotary
 
 # Finite "minus infinity" for masked logits: exp(NEG_INF - m) underflows to 0 and
 # NEG_INF - NEG_INF stays 0, so rows that have seen no key yet never produce NaNs.
@@ -242,7 +242,7 @@ def rotate_cached_keys(k_bkmh, k_positions_bk3, rope):
     (unchanged without `rope`). One fused elementwise pass over the keys: on an H100, rotating in
     the kernels instead (cos / sin per loaded tile, again for every query block) made decode 10x
     and prefill 15x slower than this (experiments/results/bench_kernels_nvidia_h100_80gb_hbm3.json)."""
-    return k_bkmh if rope is None else reference.rotate_keys(k_bkmh, k_positions_bk3, rope)
+    return k_bkmh if rope is None else rotary.rotate_keys(k_bkmh, k_positions_bk3, rope)
 
 
 def check_args(q_bqnh, k_bkmh, q_order_bq, kv_order_bk, k_positions_bk3, rope, scale):

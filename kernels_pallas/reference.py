@@ -1,4 +1,4 @@
-"""Pure-jnp semantics of every attention operation; each backend is tested against these.
+"""Pure-jnp semantics of every attention operation of `api`; each backend is tested against these.
 
 Axes: B batch, Q queries, K keys (slots), N query heads, M kv heads, G = N // M query heads
 per kv head, H head dim.
@@ -10,33 +10,15 @@ Masking is described by data, never by a dense mask argument, so kernels can ski
 Segment 0 marks padding / empty cache slots. A query that sees no key gets a zero output.
 
 Keys may be cached before rotary embedding: given `k_positions_bk3` (M-RoPE positions t, h, w of
-each key slot) and a `RotarySpec`, keys are rotated by their slot positions before the dot product,
-with the rotary rule of `svlm_jax.model.rope`.
+each key slot) and a `rotary.RotarySpec`, keys are rotated by their slot positions before the dot
+product (`rotary.rotate_keys`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 
-from svlm_jax.model import rope as rope_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class RotarySpec:
-    """Static description of the M-RoPE applied to keys cached before rotation."""
-    theta: float
-    mrope_section: tuple[int, ...]
-
-
-def rotate_keys(k_bkmh, k_positions_bk3, rope: RotarySpec):
-    """Keys [B, K, M, H] rotated by their slot positions [B, K, 3]; returned in k's dtype."""
-    inv_freq_f = rope_lib.inv_freq(k_bkmh.shape[-1], rope.theta)
-    if sum(rope.mrope_section) != inv_freq_f.shape[0]:
-        raise ValueError(f"mrope_section {rope.mrope_section} does not cover head_dim {k_bkmh.shape[-1]} / 2")
-    angles_bkf = rope_lib.mrope_angles(k_positions_bk3, inv_freq_f, rope.mrope_section)
-    return rope_lib.apply_rotary(k_bkmh, angles_bkf)
+from kernels_pallas.rotary import RotarySpec, rotate_keys
 
 
 def attention_mask(q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None):

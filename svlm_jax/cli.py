@@ -12,28 +12,34 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from svlm_jax import prompt
 from svlm_jax.config import ConfigError, ModelConfig
 from svlm_jax.media.preprocess import VisionPreprocessConfig, smart_resize
 from svlm_jax.media.subtitles import JsonlWriter, VttWriter
 from svlm_jax.media.video import VideoError, VideoReader
 from svlm_jax.model.params import param_leaves
-from svlm_jax.sampling import SamplingConfig
-from svlm_jax.session import SCHEMES, STREAM_PREPROCESS, StreamConfig, StreamingSession, cache_layout
+from svlm_jax.stream_format import CachePolicy, StreamFormat
+from svlm_jax.streaming import baselines
+from svlm_jax.streaming.baselines import BaselineSession, CacheFullError
+from svlm_jax.streaming.cache import CacheLayout
+from svlm_jax.streaming.sampling import SamplingConfig
+from svlm_jax.streaming.session import STREAM_PREPROCESS, StreamConfig, StreamingSession
 from svlm_jax.tokenizer import Tokenizer
 from svlm_jax.train.config import TrainConfigError
 from svlm_jax.train.data import DataError
 from svlm_jax.weights import CheckpointError, load_pretrained
 
 DEFAULT_STREAM = StreamConfig()
-DEFAULT_SAMPLING = SamplingConfig()
+DEFAULT_POLICY = CachePolicy()
+SCHEMES = ("streaming", *baselines.SCHEMES)
+DEFAULT_FULL_MAX_S = 600
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
-MODEL_FPS = 2  # frames per second StreamingVLM was trained on: one temporal patch per second
+LINE_BREAK = re.compile("\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines splits on
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
@@ -43,7 +49,7 @@ class CliError(Exception):
 
 # Errors that describe bad input rather than a bug: reported as one line.
 USER_ERRORS = (CliError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, CheckpointError,
-               ConfigError, VideoError, TrainConfigError, DataError)
+               ConfigError, VideoError, TrainConfigError, DataError, CacheFullError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,18 +98,20 @@ def frame_size(text: str) -> tuple[int, int]:
 def add_cache_arguments(parser: argparse.ArgumentParser):
     """The cache-size options shared by stream and info; returns their group, for options only stream has."""
     group = parser.add_argument_group("cache size (what the model keeps in memory while streaming)")
-    group.add_argument("--vision-window", type=non_negative_int, default=DEFAULT_STREAM.vision_window_s,
+    group.add_argument("--vision-window", type=non_negative_int, default=DEFAULT_POLICY.vision_window_s,
                        metavar="S", help="seconds of video whose frames stay in the cache (default: %(default)s)")
-    group.add_argument("--text-rounds", type=positive_int, default=DEFAULT_STREAM.text_rounds, metavar="N",
+    group.add_argument("--text-rounds", type=positive_int, default=DEFAULT_POLICY.text_rounds, metavar="N",
                        help="most recent seconds kept in full: prompt and commentary (default: %(default)s)")
-    group.add_argument("--text-sink", type=non_negative_int, default=DEFAULT_STREAM.text_sink, metavar="T",
+    group.add_argument("--text-sink", type=non_negative_int, default=DEFAULT_POLICY.text_sink, metavar="T",
                        help="first tokens of earlier commentary kept for ever (default: %(default)s)")
-    group.add_argument("--text-window", type=non_negative_int, default=DEFAULT_STREAM.text_window, metavar="T",
+    group.add_argument("--text-window", type=non_negative_int, default=DEFAULT_POLICY.text_window, metavar="T",
                        help="latest tokens of older commentary kept (default: %(default)s)")
-    group.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_STREAM.max_new_tokens, metavar="N",
+    group.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_POLICY.max_new_tokens, metavar="N",
                        help="longest commentary per second, in tokens (default: %(default)s)")
-    group.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_STREAM.scheme,
+    group.add_argument("--scheme", choices=SCHEMES, default="streaming",
                        help="attention scheme; the others are the paper's baselines (default: %(default)s)")
+    group.add_argument("--full-max-s", type=positive_int, default=DEFAULT_FULL_MAX_S, metavar="S",
+                       help="--scheme full: seconds of video its cache holds before it stops (default: %(default)s)")
     return group
 
 
@@ -120,14 +128,30 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
                         help="weights and cache number type (default: %(default)s)")
 
 
-def stream_config(args: argparse.Namespace, **settings) -> StreamConfig:
-    """StreamConfig from the cache arguments plus `settings`; invalid combinations become a CliError."""
+def cache_policy(args: argparse.Namespace) -> CachePolicy:
+    """The cache policy of the cache arguments; invalid combinations become a CliError."""
     try:
-        return StreamConfig(vision_window_s=args.vision_window, text_rounds=args.text_rounds,
-                            text_sink=args.text_sink, text_window=args.text_window,
-                            max_new_tokens=args.max_new_tokens, scheme=args.scheme, **settings)
+        return CachePolicy(vision_window_s=args.vision_window, text_rounds=args.text_rounds,
+                           text_sink=args.text_sink, text_window=args.text_window,
+                           max_new_tokens=args.max_new_tokens, fps=getattr(args, "fps", DEFAULT_POLICY.fps))
     except ValueError as error:
         raise CliError(str(error)) from None
+
+
+def cache_layout(args: argparse.Namespace, fmt: StreamFormat, model_config: ModelConfig, grid) -> CacheLayout:
+    """The cache the chosen scheme builds (the baselines keep whole seconds)."""
+    policy = cache_policy(args)
+    if args.scheme == "streaming":
+        return CacheLayout.for_stream(fmt, policy, model_config, grid)
+    rounds = args.full_max_s if args.scheme == "full" else policy.text_rounds
+    return CacheLayout.for_stream(fmt, policy, model_config, grid, rounds=rounds, vision_rounds=rounds)
+
+
+def make_session(args: argparse.Namespace, model, tokenizer, config: StreamConfig, preprocess):
+    if args.scheme == "streaming":
+        return StreamingSession(model, tokenizer, config, preprocess=preprocess)
+    return BaselineSession(model, tokenizer, config, scheme=args.scheme, full_max_s=args.full_max_s,
+                           preprocess=preprocess)
 
 
 def require_checkpoint_dir(model_dir: str) -> None:
@@ -189,7 +213,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the first S seconds of the video (default: %(default)s)")
     parser.add_argument("--duration", type=non_negative_float, metavar="D",
                         help="commentate at most D seconds (default: until the video ends)")
-    parser.add_argument("--fps", type=positive_int, default=MODEL_FPS,
+    parser.add_argument("--fps", type=positive_int, default=DEFAULT_POLICY.fps,
                         help="frames per second given to the model, a multiple of 2 (default: %(default)s, the rate "
                              "the model was trained on)")
     parser.add_argument("--query", default=DEFAULT_STREAM.query,
@@ -206,15 +230,15 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument(
         "--pos-mode", choices=("contiguous", "native"), default=DEFAULT_STREAM.pos_mode,
         help="contiguous re-indexes positions so they stay bounded; native lets them grow (default: %(default)s)")
-    sampling = parser.add_argument_group("sampling (how the next word is chosen)")
-    sampling.add_argument("--temperature", type=non_negative_float, default=DEFAULT_SAMPLING.temperature,
-                          help="higher is more varied, 0 is greedy (default: %(default)s)")
-    sampling.add_argument("--top-k", type=non_negative_int, default=DEFAULT_SAMPLING.top_k,
-                          help="sample among the k likeliest tokens; 0 keeps all (default: %(default)s)")
-    sampling.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p,
-                          help="sample among the likeliest tokens holding this probability mass (default: %(default)s)")
-    sampling.add_argument("--repetition-penalty", type=float, default=DEFAULT_SAMPLING.repetition_penalty,
-                          help="discourages repeating tokens already in the context; 1 disables (default: %(default)s)")
+    sampling = parser.add_argument_group(
+        "sampling (how the next word is chosen; unset options take the checkpoint's generation_config.json, "
+        "greedy without one)")
+    sampling.add_argument("--temperature", type=non_negative_float,
+                          help="higher is more varied, 0 is greedy")
+    sampling.add_argument("--top-k", type=non_negative_int, help="sample among the k likeliest tokens; 0 keeps all")
+    sampling.add_argument("--top-p", type=float, help="sample among the likeliest tokens holding this probability mass")
+    sampling.add_argument("--repetition-penalty", type=float,
+                          help="discourages repeating tokens already in the context; 1 disables")
     sampling.add_argument("--greedy", action="store_true", help="always take the likeliest token (temperature 0)")
     sampling.add_argument("--seed", type=int, default=DEFAULT_STREAM.seed, help="random seed (default: %(default)s)")
     add_pixel_arguments(parser)
@@ -271,23 +295,22 @@ class StreamTimes:
 
 
 def run_stream(args: argparse.Namespace) -> int:
-    try:
-        sampling = SamplingConfig(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty)
-    except ValueError as error:
-        raise CliError(str(error)) from None
-    config = stream_config(args, sampling=sampling, pos_mode=args.pos_mode, previous_text=args.previous_text,
-                           query=args.query, seed=args.seed, fps=args.fps)
+    policy = cache_policy(args)
     # Opened before the (slow) model load, so a wrong path or an unreadable video fails at once.
-    with VideoReader(args.video, fps=args.fps, start=args.start, format=args.format) as reader:
+    with VideoReader(args.video, fps=policy.fps, start=args.start, format=args.format) as reader:
         require_checkpoint_dir(args.model)
         tokenizer = load_tokenizer(args.model)
         preprocess = stream_preprocess(tokenizer, args.min_pixels, args.max_pixels)
         if args.fps % preprocess.temporal_patch_size:
             raise CliError(f"--fps must be a multiple of the model's temporal patch size "
                            f"({preprocess.temporal_patch_size}), got {args.fps}")
+        config = StreamConfig(policy=policy, sampling=sampling_config(args, tokenizer), pos_mode=args.pos_mode,
+                              previous_text=args.previous_text, query=args.query, seed=args.seed)
         model = load_pretrained(args.model, dtype=args.dtype)
-        session = StreamingSession(model, tokenizer, config, preprocess=preprocess)
+        try:
+            session = make_session(args, model, tokenizer, config, preprocess)
+        except ValueError as error:
+            raise CliError(str(error)) from None
         with contextlib.ExitStack() as outputs:
             writers = []
             if args.vtt:
@@ -296,6 +319,49 @@ def run_stream(args: argparse.Namespace) -> int:
                 writers.append(outputs.enter_context(JsonlWriter(args.jsonl)))
             commentate(reader, session, writers, args.duration)
     return 0
+
+
+def sampling_config(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingConfig:
+    """The sampling options given, the others from the checkpoint's generation_config.json."""
+    given = {"temperature": 0.0 if args.greedy else args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "repetition_penalty": args.repetition_penalty}
+    try:
+        return dataclasses.replace(SamplingConfig.from_generation(tokenizer.generation),
+                                   **{k: v for k, v in given.items() if v is not None})
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+class LivePrinter:
+    """Prints each second's commentary on one line as it is decoded, "[start-end]" before it; line
+    breaks become spaces and whitespace at either end is left out (the line is the stripped text)."""
+
+    def __init__(self, progress: "Progress"):
+        self.progress, self.label, self.open, self.pending = progress, "", False, ""
+
+    def begin(self, t_start: float, t_end: float) -> None:
+        self.label, self.open, self.pending = f"[{clock(t_start)}-{clock(t_end)}]", False, ""
+
+    def piece(self, text: str) -> None:
+        text = self.pending + LINE_BREAK.sub(" ", text)
+        body = text.rstrip()
+        self.pending = text[len(body):]  # printed only if more text follows
+        if not self.open:
+            body = body.lstrip()
+            if not body:
+                self.pending = ""
+                return
+            self.progress.clear()
+            sys.stdout.write(f"{self.label} ")
+            self.open = True
+        sys.stdout.write(body)
+        sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.open:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.open = False
 
 
 def commentate(reader: VideoReader, session, writers, duration_s: float | None) -> None:
@@ -307,6 +373,7 @@ def commentate(reader: VideoReader, session, writers, duration_s: float | None) 
     if limit is not None:
         total_s = limit if total_s is None else min(total_s, limit)
     progress = Progress(total_s, enabled=sys.stderr.isatty())
+    printer = LivePrinter(progress)
     times = StreamTimes()
     seconds = itertools.islice(iter(reader), limit)
     progress.update(0, None)  # shows the bar during the first second, which compiles
@@ -316,16 +383,15 @@ def commentate(reader: VideoReader, session, writers, duration_s: float | None) 
             second = next(seconds, None)
             if second is None:
                 break
-            text = session.step(second.frames_thwc, second.t_start, second.t_end)
+            printer.begin(second.t_start, second.t_end)
+            text = session.step(second.frames_thwc, second.t_start, second.t_end, on_text=printer.piece)
+            printer.end()
             for writer in writers:
                 writer.write(second.t_start, second.t_end, text)
             times.seconds.append(time.perf_counter() - began)
-            if text:
-                progress.clear()
-                one_line = " ".join(text.splitlines())
-                print(f"[{clock(second.t_start)}-{clock(second.t_end)}] {one_line}", flush=True)
             progress.update(len(times.seconds), times.real_time_factor())
     finally:
+        printer.end()
         progress.clear()
         print(times.summary(), file=sys.stderr)
 
@@ -354,14 +420,14 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     add_pixel_arguments(parser)
 
 
-def stream_grid(preprocess: VisionPreprocessConfig, width: int, height: int) -> tuple[int, int, int]:
-    """(grid_t, grid_h, grid_w) of one second of frames of this size at MODEL_FPS, in 14 px patches."""
+def stream_grid(preprocess: VisionPreprocessConfig, width: int, height: int, fps: int) -> tuple[int, int, int]:
+    """(grid_t, grid_h, grid_w) of one second of frames of this size at `fps`, in 14 px patches."""
     try:
         resized_h, resized_w = smart_resize(height, width, factor=preprocess.resize_factor,
                                             min_pixels=preprocess.min_pixels, max_pixels=preprocess.max_pixels)
     except ValueError as error:  # an extreme aspect ratio
         raise CliError(str(error)) from None
-    return (MODEL_FPS // preprocess.temporal_patch_size, resized_h // preprocess.patch_size,
+    return (fps // preprocess.temporal_patch_size, resized_h // preprocess.patch_size,
             resized_w // preprocess.patch_size)
 
 
@@ -398,14 +464,13 @@ def run_info(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     preprocess = stream_preprocess(tokenizer, args.min_pixels, args.max_pixels)
     width, height = args.frame_size
-    grid = stream_grid(preprocess, width, height)
-    chat = prompt.ChatTokens.from_tokenizer(tokenizer.token_id, tokenizer.encode)
-    layout = cache_layout(model_config, chat, tokenizer.encode, stream_config(args), grid)
+    grid = stream_grid(preprocess, width, height, DEFAULT_POLICY.fps)
+    layout = cache_layout(args, StreamFormat.from_tokenizer(tokenizer), model_config, grid)
     # Keys and values of every layer, slot and key/value head, per stream.
     cache_bytes = t.num_layers * layout.size * t.num_kv_heads * t.head_dim * 2 * dtype_bytes * args.streams
     print(f"  KV cache      {human_bytes(cache_bytes)}: {args.streams} stream(s) x {layout.size:,} slots "
           f"({width}x{height} frames -> {grid[2] * preprocess.patch_size}x{grid[1] * preprocess.patch_size}, "
-          f"{layout.n_vision} vision tokens per second)")
+          f"{layout.slots.cap('vision')} vision tokens per second)")
     print(f"  total         {human_bytes(weight_bytes + cache_bytes)} (activations not included)")
     return 0
 
@@ -413,7 +478,7 @@ def run_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- train and export
 
 TRAIN_DESCRIPTION = """\
-Fine-tune with overlapped-chunk SFT (METHOD.md §4) as a config file describes (see
+Fine-tune with overlapped-chunk SFT (docs/method.md §5) as a config file describes (see
 experiments/configs/sft_tiny.toml; every field is documented in svlm_jax/train/config.py).
 A run resumes from its latest checkpoint; Ctrl-C saves one and stops.
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from svlm_jax.media.subtitles import VttWriter
 from svlm_jax.model.params import Model
-from svlm_jax.sampling import SamplingConfig
-from svlm_jax.session import StreamConfig, StreamingSession
+from svlm_jax.stream_format import CachePolicy
+from svlm_jax.streaming import SamplingConfig, StreamConfig, StreamingSession
 from svlm_jax.synth import (LONG_MEMORY_S, Match, MatchConfig, RenderConfig, StreamSecond, match_intro,
                             memory_ages, score_commentary, stream_seconds, summarize_scores)
 from svlm_jax.synth.dataset import opening_frame, write_video
@@ -31,9 +31,10 @@ VISION_TOKENS_PER_SECOND = 16  # a 112x112 frame pair: 8x8 patches of 14 px, mer
 # The cache policy of the model's training chunks (16 s rounds, sink 64 + window 192 tokens), with
 # 8 s of vision instead of the chunks' 16: the bundled model names the same events in its first
 # 10 minutes either way, but with 16 s it starts naming the wrong side after 15-20 minutes of a
-# match (events over 1200-3600 s: seeds 1000, 1001, 1003, 1004, 2001, 2002 in the README).
+# match (events over 1200-3600 s: seeds 1000, 1001, 1003, 1004, 2001, 2002 in experiments/README.md).
 # Greedy, so a seed always gives the same commentary.
-STREAM = StreamConfig(vision_window_s=8, text_rounds=16, text_sink=64, text_window=192, max_new_tokens=20,
+STREAM = StreamConfig(policy=CachePolicy(vision_window_s=8, text_rounds=16, text_sink=64, text_window=192,
+                                          max_new_tokens=20),
                       sampling=SamplingConfig(temperature=0.0, repetition_penalty=1.0))
 
 

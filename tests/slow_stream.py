@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import svlm_jax
-from svlm_jax import prompt
+from svlm_jax.stream_format import QUERY, StreamFormat, round_query
 from svlm_jax.model import rope, text
 
 
@@ -36,17 +36,15 @@ class Round:
 
 class SlowStream:
     def __init__(self, model, tokenizer, *, text_rounds, vision_rounds, text_sink, text_window, max_new,
-                 previous_text="", query=prompt.QUERY, resume_span):
+                 previous_text="", query=QUERY, resume_span):
         self.model, self.cfg = model, model.config
-        self.ct = prompt.ChatTokens.from_tokenizer(tokenizer.token_id, tokenizer.encode)
-        self.enc = tokenizer.encode
+        self.fmt, self.sp = StreamFormat.from_tokenizer(tokenizer), tokenizer.special
         self.R, self.V, self.sink, self.window, self.max_new = text_rounds, vision_rounds, text_sink, text_window, max_new
         self.query, self.has_previous, self.span = query, bool(previous_text), resume_span
-        head = prompt.system_block(self.ct, self.enc) + prompt.previous_header(self.ct, self.enc)
-        prev = prompt.previous_text_ids(self.enc, previous_text)
-        self.head = [Entry(t) for t in head]
+        self.head = [Entry(t) for t in self.fmt.head_ids()]
+        prev = self.fmt.previous_text_ids(previous_text)
         self.previous = [Entry(t) for t in prev]  # everything ever put into the previous-text block
-        self.footer = [Entry(t) for t in prompt.previous_footer(self.ct)]
+        self.footer = [Entry(t) for t in self.fmt.footer_ids()]
         self.rounds: list[Round] = []
         self._process(self.retained(), [])  # prefill the head
 
@@ -86,7 +84,7 @@ class SlowStream:
         angles = np.asarray(text.text_angles(cfg, jnp.asarray(pos)[None]))[0]
         x = np.asarray(p.embed_vd)[[e.token for e in fresh]]
         if vision_feats is not None:
-            vis = [j for j, e in enumerate(fresh) if e.vision is not None and e.token == self.ct.video_pad]
+            vis = [j for j, e in enumerate(fresh) if e.vision is not None and e.token == self.sp.video_pad]
             x[vis] = vision_feats
         x = jnp.asarray(x)[None]
         n_old = len(old)
@@ -110,15 +108,15 @@ class SlowStream:
 
     def round(self, i: int, rows, grid, t_start, t_end):
         """Round i: evict, prefill, greedy decode. Returns (first-token logits, generated ids)."""
-        ct = self.ct
+        fmt, sp = self.fmt, self.sp
         if len(self.rounds) == self.R:
             old = self.rounds.pop(0)
             gen = old.tokens()
             n = len(gen)
-            if gen and gen[-1] == ct.im_end:
+            if gen and gen[-1] == sp.im_end:
                 n -= 1
-                m = len(ct.end_marker)
-                if n >= m and gen[n - m:n] == list(ct.end_marker):
+                m = len(fmt.end_marker)
+                if n >= m and gen[n - m:n] == list(fmt.end_marker):
                     n -= m
             self.previous += old.generated[:n]
         for r in self.rounds:
@@ -128,13 +126,12 @@ class SlowStream:
         new: list[Entry] = []
         if self.rounds:
             prev = self.rounds[-1]
-            closing = ([*ct.end_marker, ct.im_end] if prev.tokens()[-1] != ct.im_end else []) + prompt.round_tail(ct)
+            closing = ([*fmt.end_marker, sp.im_end] if prev.tokens()[-1] != sp.im_end else []) + list(fmt.newline)
             prev.closing = [Entry(t) for t in closing]
             new += prev.closing
-        before, after = prompt.user_turn(ct, self.enc, t_start, t_end,
-                                         prompt.round_query(self.query, i, self.has_previous))
-        offsets = rope.vision_block_positions(0, grid, self.cfg.vision.spatial_merge_size, 1.0)
-        entries = ([Entry(t) for t in before] + [Entry(ct.video_pad, tuple(int(v) for v in o)) for o in offsets]
+        before, after = fmt.prompt_ids(t_start, t_end, round_query(self.query, i, self.has_previous))
+        offsets = rope.vision_block_offsets(grid, self.cfg.vision.spatial_merge_size, 1.0)
+        entries = ([Entry(t) for t in before] + [Entry(sp.video_pad, tuple(int(v) for v in o)) for o in offsets]
                    + [Entry(t) for t in after])
         rnd = Round(i, entries)
         new += entries
@@ -147,7 +144,7 @@ class SlowStream:
             context = self.retained()
             rnd.generated.append(e)
             logits = self._process(context, [e])
-            if token == ct.im_end or len(rnd.generated) == self.max_new:
+            if token == sp.im_end or len(rnd.generated) == self.max_new:
                 break
             token = self._greedy(logits)
         return first_logits, rnd.tokens()

@@ -21,8 +21,7 @@ import pytest
 import svlm_jax
 from svlm_jax import cli
 from svlm_jax.media.subtitles import vtt_escape, vtt_timestamp
-from svlm_jax.sampling import SamplingConfig
-from svlm_jax.session import StreamingSession
+from svlm_jax.streaming import SamplingConfig, StreamConfig, StreamingSession
 
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -111,6 +110,17 @@ def test_stream_writes_one_cue_per_second(model_dir, video, tmp_path, capsys):
     assert out.splitlines() == [f"[00:00:0{k}-00:00:0{k + 1}] {' '.join(r['text'].splitlines())}"
                                 for k, r in enumerate(records) if r["text"]]
     assert f"svlm: {SECONDS} s of video commentated" in err and "real-time factor" in err
+
+
+def test_full_scheme_budget_is_settable_and_ends_cleanly(model_dir, video, tmp_path, capsys):
+    vtt, jsonl = tmp_path / "out.vtt", tmp_path / "out.jsonl"
+    args = stream_args(model_dir, video, "--scheme", "full", "--full-max-s", "2", "--vtt", str(vtt), "--jsonl", str(jsonl))
+    assert cli.main(args) == 1
+    check_one_line_error(capsys.readouterr().err, "memory budget of 2 s")
+    check_outputs(vtt, jsonl, 0.0, 2)  # what was commentated before the budget ran out is kept
+    assert cli.main(stream_args(model_dir, video, "--scheme", "full", "--full-max-s", str(SECONDS),
+                                "--jsonl", str(jsonl))) == 0
+    assert len(read_jsonl(jsonl)) == SECONDS
 
 
 def test_stream_start_and_duration(model_dir, video, tmp_path):
@@ -230,11 +240,11 @@ def test_ctrl_c_ends_cleanly(model_dir, video, tmp_path, capsys, monkeypatch):
     """Ctrl-C during the third second: files closed with the first two, summary, exit code 130."""
     step, calls = StreamingSession.step, []
 
-    def interrupted_step(self, *args):
+    def interrupted_step(self, *args, **kwargs):
         calls.append(args)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return step(self, *args)
+        return step(self, *args, **kwargs)
 
     monkeypatch.setattr(StreamingSession, "step", interrupted_step)
     vtt, jsonl = tmp_path / "out.vtt", tmp_path / "out.jsonl"
@@ -264,11 +274,11 @@ def test_info_counts_parameters_and_memory(model_dir, stream_tokenizer, capsys):
 
     # The cache layout info computes is the one a session builds for the same settings.
     args = cli.build_parser().parse_args(stream_args(model_dir, "unused"))
-    config = cli.stream_config(args, sampling=SamplingConfig(temperature=0.0))
+    config = StreamConfig(cli.cache_policy(args), sampling=SamplingConfig(temperature=0.0))
     preprocess = cli.stream_preprocess(stream_tokenizer, SIDE * SIDE, SIDE * SIDE)
     session = StreamingSession(model, stream_tokenizer, config, preprocess=preprocess)
     session.step(np.zeros((2, SIDE, SIDE, 3), np.uint8), 0.0, 1.0)
-    layout = session._spec.layout
+    layout = session.layout
     t = model.config.text
     cache_bytes = 3 * t.num_layers * layout.size * t.num_kv_heads * t.head_dim * 2 * 4
     assert re.search(rf"^  KV cache +{cli.human_bytes(cache_bytes)}: 3 stream\(s\) x {layout.size:,} slots", out, re.M)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import svlm_jax
-from svlm_jax import prompt
-from svlm_jax.sampling import SamplingConfig
-from svlm_jax.session import StreamConfig, StreamingSession
+from svlm_jax.stream_format import CachePolicy, round_query
+from svlm_jax.streaming import BaselineSession, CacheFullError, SamplingConfig, StreamConfig, StreamingSession
 
 GREEDY = SamplingConfig(temperature=0.0, repetition_penalty=1.0)
 GRID = (1, 4, 6)
@@ -20,17 +19,15 @@ def random_second(rng):
     return rng.standard_normal((int(np.prod(GRID)), 1176)).astype(np.float32), np.array(GRID)
 
 
-# Without previous text, round 0 carries the query (prompt.round_query).
+# Without previous text, round 0 carries the query (stream_format.round_query).
 @pytest.mark.parametrize("pos_mode, previous_text", [("contiguous", "Red 1 Blue 0."), ("native", "")])
 def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rng, pos_mode, previous_text):
     tok = stream_tokenizer
-    cfg = StreamConfig(text_rounds=8, vision_window_s=8, text_sink=64, text_window=64, max_new_tokens=6,
+    cfg = StreamConfig(CachePolicy(text_rounds=8, vision_window_s=8, text_sink=64, text_window=64, max_new_tokens=6),
                        sampling=GREEDY, pos_mode=pos_mode, previous_text=previous_text)
     session = StreamingSession(stream_model, tok, cfg)
-    ct = session.chat
-    enc = tok.encode
-    seq = (prompt.system_block(ct, enc) + prompt.previous_header(ct, enc)
-           + prompt.previous_text_ids(enc, cfg.previous_text) + prompt.previous_footer(ct))
+    fmt, sp = session.format, tok.special
+    seq = fmt.head_ids() + fmt.previous_text_ids(cfg.previous_text) + fmt.footer_ids()
     expected = []  # (index in seq, logits from the engine) pairs
     rows_all = []
     n_vis = int(np.prod(GRID)) // 4
@@ -41,23 +38,25 @@ def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rn
         session.step_batch([(rows, grid)], [float(r)], [float(r + 1)], collect_logits=True)
         out = session.last_output
         gen = [int(t) for t in np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])]]
-        before, after = prompt.user_turn(ct, enc, float(r), float(r + 1),
-                                         prompt.round_query(cfg.query, r, bool(cfg.previous_text)))
+        before, after = fmt.prompt_ids(float(r), float(r + 1), round_query(cfg.query, r, bool(cfg.previous_text)))
         new = []
         if prev_gen is not None:
-            if prev_gen[-1] != ct.im_end:
-                new += [*ct.end_marker, ct.im_end]
-            new += prompt.round_tail(ct)
-        new += before + [ct.video_pad] * n_vis + after
+            if prev_gen[-1] != sp.im_end:
+                new += [*fmt.end_marker, sp.im_end]
+            new += fmt.newline
+        new += before + [sp.video_pad] * n_vis + after
         # the engine's prefill queries that were active, in order, are exactly `new`
         pre = np.asarray(out.prefill_logits_bqv)[0]
-        lay = session._spec.layout
-        close_q = list(range(lay.close_len)) if prev_gen is not None and prev_gen[-1] != ct.im_end else []
-        tail_q = list(range(lay.close_len, lay.close_len + lay.tail_len)) if prev_gen is not None else []
-        b0 = lay.close_len + lay.tail_len
-        qs = (close_q + tail_q + list(range(b0, b0 + len(before)))
-              + list(range(b0 + lay.before_cap, b0 + lay.before_cap + n_vis))
-              + list(range(b0 + lay.before_cap + n_vis, b0 + lay.before_cap + n_vis + len(after))))
+        slots = session.layout.slots
+
+        def queries(part, n):
+            return list(range(slots.prefill_offset(part), slots.prefill_offset(part) + n))
+
+        cut = prev_gen is not None and prev_gen[-1] != sp.im_end
+        qs = (queries(("previous", "close"), len(fmt.close_ids()) if cut else 0)
+              + queries(("previous", "tail"), len(fmt.newline) if prev_gen is not None else 0)
+              + queries(("current", "before"), len(before)) + queries(("current", "vision"), n_vis)
+              + queries(("current", "after"), len(after)))
         assert len(qs) == len(new)
         start = len(seq)
         seq += new
@@ -84,8 +83,9 @@ def end_prone(model, tokenizer):
     import jax.numpy as jnp
 
     def rounds_of(m, n=12):
-        session = StreamingSession(m, tokenizer, StreamConfig(text_rounds=3, vision_window_s=2, text_sink=5,
-                                                              text_window=7, max_new_tokens=4, sampling=GREEDY))
+        session = StreamingSession(m, tokenizer, StreamConfig(CachePolicy(text_rounds=3, vision_window_s=2, text_sink=5,
+                                                                          text_window=7, max_new_tokens=4),
+                                                              sampling=GREEDY))
         rng = np.random.default_rng(0)
         for i in range(n):
             session.step_batch([random_second(rng)], [float(i)], [float(i + 1)])
@@ -113,7 +113,8 @@ def test_policy_matches_slow_reference(stream_model, stream_tokenizer, rng):
     from tests.slow_stream import SlowStream
 
     knobs = dict(text_rounds=3, text_sink=5, text_window=7)
-    cfg = StreamConfig(vision_window_s=2, max_new_tokens=4, sampling=GREEDY, previous_text="Red 1 Blue 0.", **knobs)
+    cfg = StreamConfig(CachePolicy(vision_window_s=2, max_new_tokens=4, **knobs), sampling=GREEDY,
+                       previous_text="Red 1 Blue 0.")
     model = end_prone(stream_model, stream_tokenizer)
     session = StreamingSession(model, stream_tokenizer, cfg)
     slow = SlowStream(model, stream_tokenizer, vision_rounds=2, max_new=4, previous_text=cfg.previous_text,
@@ -127,12 +128,10 @@ def test_policy_matches_slow_reference(stream_model, stream_tokenizer, rng):
         gen = [int(t) for t in np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])]]
         logits_ref, gen_ref = slow.round(i, rows, GRID, float(i), float(i + 1))
         assert gen == gen_ref, f"round {i}"
-        ended += gen[-1] == session.chat.im_end
-        lay = session._spec.layout
+        ended += gen[-1] == stream_tokenizer.special.im_end
         pre = np.asarray(out.prefill_logits_bqv)[0]
-        n_after = len(prompt.user_turn(session.chat, stream_tokenizer.encode, 0.0, 1.0,
-                                       prompt.round_query(cfg.query, i, bool(cfg.previous_text)))[1])
-        last = lay.close_len + lay.tail_len + lay.before_cap + lay.n_vision + n_after - 1
+        n_after = len(session.format.prompt_ids(0.0, 1.0, round_query(cfg.query, i, bool(cfg.previous_text)))[1])
+        last = session.layout.slots.prefill_offset(("current", "after")) + n_after - 1
         scale = scale or np.abs(logits_ref).max()
         assert np.abs(pre[last] - logits_ref).max() <= 1e-4 * scale, f"round {i}"
         view = session.cache_view()
@@ -147,7 +146,7 @@ def test_content_length_known_answers():
     """Commentary moved to the previous text: no <|im_end|>, no " ..." before it, nothing else cut."""
     import jax.numpy as jnp
 
-    from svlm_jax.engine import content_length
+    from svlm_jax.streaming.engine import content_length
 
     gen = jnp.array([[1, 2, 5, 6, 9, 0], [1, 5, 6, 0, 0, 0], [5, 6, 9, 0, 0, 0], [1, 2, 6, 9, 0, 0],
                      [9, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
@@ -158,7 +157,7 @@ def test_content_length_known_answers():
 def test_batched_streams_equal_single_streams(stream_model, stream_tokenizer, rng):
     """Three streams with their own previous text and frames, one joining late and one leaving,
     give the tokens the same streams give alone. Sampled (not greedy): rngs are per stream."""
-    cfg = StreamConfig(text_rounds=3, vision_window_s=2, text_sink=4, text_window=6, max_new_tokens=4,
+    cfg = StreamConfig(CachePolicy(text_rounds=3, vision_window_s=2, text_sink=4, text_window=6, max_new_tokens=4),
                        sampling=SamplingConfig(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1))
     previous = ["Red 1 Blue 0.", "", "Foul by Blue, number 2."]
     frames = [[random_second(rng) for _ in range(7)] for _ in range(3)]
@@ -191,7 +190,7 @@ def test_batched_streams_equal_single_streams(stream_model, stream_tokenizer, rn
 def test_no_recompilation_and_constant_memory(stream_model, stream_tokenizer, rng):
     import jax
 
-    cfg = StreamConfig(text_rounds=3, vision_window_s=2, text_sink=4, text_window=6, max_new_tokens=3)
+    cfg = StreamConfig(CachePolicy(text_rounds=3, vision_window_s=2, text_sink=4, text_window=6, max_new_tokens=3))
     session = StreamingSession(stream_model, stream_tokenizer, cfg)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -212,10 +211,9 @@ def test_sliding_overlap_rebuilds_last_window(stream_model, stream_tokenizer, rn
     """Every second the baseline re-prefills the last W seconds from scratch: its first-token
     logits equal `forward` over exactly that context."""
     W = 3
-    cfg = StreamConfig(text_rounds=W, max_new_tokens=3, sampling=GREEDY, scheme="sliding_overlap",
-                       previous_text="Red 1 Blue 0.")
-    session = StreamingSession(stream_model, stream_tokenizer, cfg)
-    ct, enc = session.chat, stream_tokenizer.encode
+    cfg = StreamConfig(CachePolicy(text_rounds=W, max_new_tokens=3), sampling=GREEDY, previous_text="Red 1 Blue 0.")
+    session = BaselineSession(stream_model, stream_tokenizer, cfg, scheme="sliding_overlap")
+    fmt, sp = session.format, stream_tokenizer.special
     history = []
     for i in range(6):
         rows, grid = random_second(rng)
@@ -223,39 +221,104 @@ def test_sliding_overlap_rebuilds_last_window(stream_model, stream_tokenizer, rn
         out = session.last_output
         history.append((rows, [int(t) for t in np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])]]))
         window = list(range(max(0, i - W + 1), i + 1))
-        seq = (prompt.system_block(ct, enc) + prompt.previous_header(ct, enc)
-               + prompt.previous_text_ids(enc, cfg.previous_text) + prompt.previous_footer(ct))
+        seq = fmt.head_ids() + fmt.previous_text_ids(cfg.previous_text) + fmt.footer_ids()
         for k in window:
-            before, after = prompt.user_turn(ct, enc, float(k), float(k + 1),
-                                             prompt.round_query(cfg.query, k - window[0], bool(cfg.previous_text)))
-            seq += before + [ct.video_pad] * (int(np.prod(GRID)) // 4) + after
+            before, after = fmt.prompt_ids(float(k), float(k + 1),
+                                           round_query(cfg.query, k - window[0], bool(cfg.previous_text)))
+            seq += before + [sp.video_pad] * (int(np.prod(GRID)) // 4) + after
             if k != i:
                 gen = history[k][1]
-                seq += gen + ([] if gen[-1] == ct.im_end else [*ct.end_marker, ct.im_end]) + prompt.round_tail(ct)
+                seq += gen + ([] if gen[-1] == sp.im_end else [*fmt.end_marker, sp.im_end]) + list(fmt.newline)
         ref = np.asarray(svlm_jax.forward(stream_model, np.array([seq]),
                                           pixel_values_videos=np.concatenate([history[k][0] for k in window]),
                                           video_grid_thw=np.array([GRID] * len(window))))[0, -1]
-        lay = session._spec.layout
-        n_after = len(prompt.user_turn(ct, enc, 0.0, 1.0,
-                                         prompt.round_query(cfg.query, len(window) - 1, bool(cfg.previous_text)))[1])
-        last = lay.close_len + lay.tail_len + lay.before_cap + lay.n_vision + n_after - 1
+        n_after = len(fmt.prompt_ids(0.0, 1.0, round_query(cfg.query, len(window) - 1, bool(cfg.previous_text)))[1])
+        last = session.layout.slots.prefill_offset(("current", "after")) + n_after - 1
         got = np.asarray(out.prefill_logits_bqv)[0, last]
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), f"second {i}"
 
 
 def test_sliding_restarts_and_full_runs_out(stream_model, stream_tokenizer, rng):
-    from svlm_jax.session import CacheFullError
-
-    sliding = StreamingSession(stream_model, stream_tokenizer,
-                               StreamConfig(text_rounds=2, max_new_tokens=2, scheme="sliding"))
-    full = StreamingSession(stream_model, stream_tokenizer, StreamConfig(max_new_tokens=2, scheme="full", full_max_s=3))
+    sliding = BaselineSession(stream_model, stream_tokenizer, StreamConfig(CachePolicy(text_rounds=2, max_new_tokens=2)),
+                              scheme="sliding")
+    full = BaselineSession(stream_model, stream_tokenizer, StreamConfig(CachePolicy(max_new_tokens=2)), scheme="full",
+                           full_max_s=3)
     for i in range(3):
         sliding.step(random_second(rng), float(i), float(i + 1))
         full.step(random_second(rng), float(i), float(i + 1))
     pads = int(np.prod(GRID)) // 4
     # seconds 0-1 filled the first window; second 2 started a fresh context holding only itself
-    assert sum(c.token_id == sliding.chat.video_pad for c in sliding.cache_view()) == pads
-    assert sum(c.token_id == sliding.chat.im_start for c in sliding.cache_view()) == 2 + 2
-    assert sum(c.token_id == full.chat.video_pad for c in full.cache_view()) == 3 * pads
+    sp = stream_tokenizer.special
+    assert sum(c.token_id == sp.video_pad for c in sliding.cache_view()) == pads
+    assert sum(c.token_id == sp.im_start for c in sliding.cache_view()) == 2 + 2
+    assert sum(c.token_id == sp.video_pad for c in full.cache_view()) == 3 * pads
     with pytest.raises(CacheFullError, match="memory budget of 3 s"):
         full.step(random_second(rng), 3.0, 4.0)
+
+
+def test_text_arrives_piece_by_piece(stream_model, stream_tokenizer, rng):
+    """`on_text` gets each second's commentary while it is decoded: the pieces join to the returned
+    text, which is the answer without a final " ..." + <|im_end|> (stripped here by hand)."""
+    cfg = StreamConfig(CachePolicy(text_rounds=3, vision_window_s=2, text_sink=4, text_window=6, max_new_tokens=6),
+                       sampling=SamplingConfig(temperature=1.0, repetition_penalty=1.0))
+    session = StreamingSession(stream_model, stream_tokenizer, cfg)
+    im_end, marker = stream_tokenizer.special.im_end, stream_tokenizer.encode(" ...")
+    calls = 0
+    for i in range(8):
+        pieces = []
+        text = session.step(random_second(rng), float(i), float(i + 1), on_text=pieces.append)
+        out = session.last_output
+        gen = np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])].tolist()
+        if gen[-1] == im_end:
+            gen = gen[:-1]
+            if gen[len(gen) - len(marker):] == marker:
+                gen = gen[:len(gen) - len(marker)]
+        assert text == stream_tokenizer.decode(gen, skip_special_tokens=True).strip()
+        assert "".join(pieces).strip() == text
+        calls += len(pieces)
+    assert calls > 8  # text came in several pieces, not once per second
+
+
+def test_sampling_defaults_from_generation_config(stream_model, stream_tokenizer_dir, tmp_path):
+    import json
+    import shutil
+
+    from svlm_jax.tokenizer import Tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(stream_tokenizer_dir / name, tmp_path / name)
+    assert StreamingSession(stream_model, Tokenizer.from_pretrained(tmp_path)).sampling.temperature == 0.0  # greedy
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}))
+    sampling = StreamingSession(stream_model, Tokenizer.from_pretrained(tmp_path)).sampling
+    assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty) == (0.7, 20, 0.8, 1.05)
+    given = SamplingConfig(temperature=0.3)
+    explicit = StreamingSession(stream_model, Tokenizer.from_pretrained(tmp_path), StreamConfig(sampling=given))
+    assert explicit.sampling.temperature == 0.3 and explicit.sampling.top_k == 0
+
+
+def test_special_tokens_must_match_the_model(stream_model, stream_tokenizer):
+    from svlm_jax.config import ConfigError
+
+    wrong = stream_model.replace(config=dataclasses.replace(stream_model.config,
+                                                            video_token_id=stream_tokenizer.special.video_pad - 1))
+    with pytest.raises(ConfigError, match="video_token_id"):
+        StreamingSession(wrong, stream_tokenizer)
+
+
+def test_prepare_builds_the_engine_for_the_frame_size(stream_model, stream_tokenizer, rng):
+    """`prepare(h, w)` gives the layout the first second of h x w frames would give, and holds to it."""
+    from svlm_jax.media.preprocess import VisionPreprocessConfig
+
+    preprocess = VisionPreprocessConfig(min_pixels=28 * 28, max_pixels=56 * 84)
+    cfg = StreamConfig(CachePolicy(text_rounds=2, vision_window_s=1, text_sink=4, text_window=4, max_new_tokens=3),
+                       sampling=GREEDY)
+    lazy, eager = (StreamingSession(stream_model, stream_tokenizer, cfg, preprocess=preprocess) for _ in range(2))
+    layout = eager.prepare(50, 90)
+    assert lazy.layout is None and layout is not None
+    frames = rng.integers(0, 256, (2, 50, 90, 3), dtype=np.uint8)
+    for i in range(2):
+        assert eager.step(frames, float(i), i + 1.0) == lazy.step(frames, float(i), i + 1.0)
+    assert lazy.layout == layout
+    with pytest.raises(ValueError, match="frame grid changed"):
+        eager.step(rng.integers(0, 256, (2, 90, 50, 3), dtype=np.uint8), 2.0, 3.0)

@@ -6,21 +6,25 @@ several key blocks, padded tails, empty cache slots and rows that see no key at 
 """
 
 import functools
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import api, common, decode, flash_train, prefill, reference, vision
-from svlm_jax.model import rope as rope_lib
+from kernels_pallas import api, common, decode, flash_train, prefill, reference, rotary, vision
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
 # Compiled float32 dots on a GPU run on the tensor cores in tf32 (10-bit mantissa), as XLA's do.
 TOL = {jnp.float32: 2e-3 if ON_GPU else 1e-5, jnp.bfloat16: 2e-2}
-ROPE_16 = reference.RotarySpec(theta=1e4, mrope_section=(2, 3, 3))  # head_dim 16
-ROPE_32 = reference.RotarySpec(theta=1e6, mrope_section=(4, 6, 6))  # head_dim 32
+ROPE_16 = rotary.RotarySpec(theta=1e4, mrope_section=(2, 3, 3))  # head_dim 16
+ROPE_32 = rotary.RotarySpec(theta=1e6, mrope_section=(4, 6, 6))  # head_dim 32
+# The jnp semantics every backend is checked against (keys rotated first when `rope` is given).
+_reference = jax.jit(reference.attention, static_argnames="rope")
 
 
 def _normal(rng, shape, dtype):
@@ -50,17 +54,6 @@ def _cache_case(rng, b, q, k, n, m, h, dtype, with_rope):
     return arrays
 
 
-@functools.partial(jax.jit, static_argnames="rope")
-def _reference_rotate_then_attend(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk,
-                                  k_positions_bk3=None, rope=None):
-    """Rotates keys with the model's rope functions, then attends (the reference of keys cached before RoPE)."""
-    if rope is not None:
-        angles_bkf = rope_lib.mrope_angles(k_positions_bk3, rope_lib.inv_freq(k_bkmh.shape[-1], rope.theta),
-                                           rope.mrope_section)
-        k_bkmh = rope_lib.apply_rotary(k_bkmh, angles_bkf)
-    return reference.attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk)
-
-
 @pytest.mark.parametrize("q, n, m, dtype, rope", [
     (1, 4, 4, jnp.float32, ROPE_16),     # GQA ratio 1, rotation
     (2, 4, 2, jnp.bfloat16, None),       # ratio 2, bf16
@@ -70,7 +63,7 @@ def test_decode_matches_reference(q, n, m, dtype, rope):
     rng = np.random.default_rng(0)
     case = _cache_case(rng, b=2, q=q, k=53, n=n, m=m, h=16, dtype=dtype, with_rope=rope is not None)
     out = jax.jit(functools.partial(decode.decode_attention, rope=rope, block_k=16, splits=2, interpret=INTERPRET))(**case)
-    _close(out, _reference_rotate_then_attend(**case, rope=rope), dtype)
+    _close(out, _reference(**case, rope=rope), dtype)
     assert not np.any(np.asarray(out[-1, -1], np.float32))  # the query that sees nothing
 
 
@@ -89,7 +82,7 @@ def test_prefill_matches_reference(n, m, dtype, rope, h):
     case["kv_segment_bk"] = case["kv_segment_bk"].at[:, cache:].set(case["q_segment_bq"])
     out = jax.jit(functools.partial(prefill.prefill_attention, rope=rope, block_r=16, block_k=16,
                                     interpret=INTERPRET))(**case)
-    _close(out, _reference_rotate_then_attend(**case, rope=rope), dtype)
+    _close(out, _reference(**case, rope=rope), dtype)
 
 
 @pytest.mark.parametrize("t, n, m, h, dtype, sort", [
@@ -104,7 +97,7 @@ def test_vision_matches_reference(t, n, m, h, dtype, sort):
     q_btnh, k_btmh, v_btmh = (_normal(rng, (2, t, heads, h), dtype) for heads in (n, m, m))
     out = jax.jit(functools.partial(vision.vision_attention, block_q=16, block_k=16, interpret=INTERPRET))(
         q_btnh, k_btmh, v_btmh, segment_bt, segment_bt)
-    _close(out, jax.jit(reference.attention)(q_btnh, k_btmh, v_btmh, segment_bt, segment_bt), dtype)
+    _close(out, _reference(q_btnh, k_btmh, v_btmh, segment_bt, segment_bt), dtype)
 
 
 @pytest.mark.parametrize("n, m, h, dtype", [
@@ -133,27 +126,106 @@ def test_flash_train_values_and_gradients(n, m, h, dtype):
         _close(np.asarray(grad, np.float32) / scale, np.asarray(ref_grad, np.float32) / scale, dtype)
 
 
-def test_api_dispatch_and_defaults():
-    """impl=None is the reference on CPU; impl='pallas' routes by arguments and agrees with it."""
-    rng = np.random.default_rng(4)
-    case = _cache_case(rng, b=1, q=3, k=21, n=4, m=2, h=16, dtype=jnp.float32, with_rope=True)
-    args = tuple(case[name] for name in ("q_bqnh", "k_bkmh", "v_bkmh", "q_segment_bq", "kv_segment_bk",
-                                         "q_order_bq", "kv_order_bk"))
-    expected = _reference_rotate_then_attend(**case, rope=ROPE_16)
-    assert api.default_impl() == ("pallas" if ON_GPU else "xla")
-    _close(api.attention(*args, k_positions_bk3=case["k_positions_bk3"], rope=ROPE_16), expected, jnp.float32)
-    out = jax.jit(lambda a, pos: api.attention(*a, k_positions_bk3=pos, rope=ROPE_16, impl="pallas"))(
-        args, case["k_positions_bk3"])
-    _close(out, expected, jnp.float32)
-    assert api.fallbacks() == []  # on a GPU: the kernel compiled, the answer is not the reference's
-    assert api.pallas_kernel(1, True, True)[0] == "decode"
-    assert api.pallas_kernel(500, True, True)[0] == "prefill"
-    assert api.pallas_kernel(500, True, False)[0] == "flash_train"
-    assert api.pallas_kernel(500, False, False)[0] == "vision"
-    with pytest.raises(ValueError, match="cudnn"):
-        api.attention(*args, impl="cudnn")
-    with pytest.raises(ValueError, match="not one of"):
-        api.attention(*args, impl="triton")
+def _op_case(op: str, rng):
+    """(positional, keyword) arguments of the operation `op` on a small case."""
+    if op in ("cached_prefill_attention", "cached_decode_attention"):
+        case = _cache_case(rng, b=2, q=3, k=21, n=4, m=2, h=16, dtype=jnp.float32, with_rope=True)
+        k_positions_bk3 = case.pop("k_positions_bk3")
+        return tuple(case.values()), dict(k_positions_bk3=k_positions_bk3, rope=ROPE_16)
+    t = 21
+    segment_bt = jnp.asarray(np.sort(rng.integers(0, 4, (2, t)), axis=1), jnp.int32)
+    q_btnh, k_btmh, v_btmh = (_normal(rng, (2, t, heads, 16), jnp.float32) for heads in (4, 2, 2))
+    if op == "segment_attention":
+        return (q_btnh, k_btmh, v_btmh, segment_bt, segment_bt), {}
+    order_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+    return (q_btnh, k_btmh, v_btmh, segment_bt, segment_bt, order_bt, order_bt), {}
+
+
+@pytest.mark.parametrize("op", api.OPERATIONS)
+def test_operations_match_reference_on_each_backend(op, monkeypatch):
+    """Every operation on "auto", "xla" and "pallas" (interpreted off a GPU) agrees with the reference."""
+    monkeypatch.delenv(api.ENV_VAR, raising=False)
+    args, kwargs = _op_case(op, np.random.default_rng(4))
+    expected = _reference(*args, **kwargs)
+    for backend in ("auto", "xla", "pallas"):
+        out = jax.jit(functools.partial(getattr(api, op), **kwargs, backend=backend))(*args)
+        _close(out, expected, jnp.float32)
+
+
+def test_backend_precedence_argument_then_environment_then_auto(monkeypatch):
+    q, k, v = _op_case("causal_attention", np.random.default_rng(6))[0][:3]
+    resolve = lambda backend: api.resolve_backend("causal_attention", backend, q, k, v)
+    monkeypatch.delenv(api.ENV_VAR, raising=False)
+    assert resolve("auto") == ("pallas" if ON_GPU else "xla")
+    monkeypatch.setenv(api.ENV_VAR, "pallas")
+    assert resolve("auto") == "pallas"
+    assert resolve("xla") == "xla"
+    monkeypatch.setenv(api.ENV_VAR, "auto")
+    assert resolve("auto") == ("pallas" if ON_GPU else "xla")
+    monkeypatch.setenv(api.ENV_VAR, "triton")
+    with pytest.raises(ValueError, match=f"{api.ENV_VAR}='triton' is not one of"):
+        resolve("auto")
+    if not ON_GPU:
+        monkeypatch.setenv(api.ENV_VAR, "cudnn")
+        with pytest.raises(ValueError, match=f"backend 'cudnn' \\(from {api.ENV_VAR}\\) cannot serve"):
+            resolve("auto")
+
+
+def test_auto_on_a_gpu_picks_pallas_only_where_the_kernel_supports_the_call(monkeypatch):
+    """Plain Python on static shapes: nothing is compiled, so pretending to be a GPU is enough."""
+    monkeypatch.delenv(api.ENV_VAR, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    s = jax.ShapeDtypeStruct
+    arrays = lambda q, n, m, h, dtype=jnp.bfloat16: (s((1, q, n, h), dtype), s((1, 50, m, h), dtype),
+                                                     s((1, 50, m, h), dtype))
+    assert api.resolve_backend("cached_decode_attention", "auto", *arrays(16, 28, 4, 128)) == "pallas"
+    assert api.resolve_backend("cached_decode_attention", "auto", *arrays(19, 28, 4, 128)) == "xla"  # 133 rows
+    assert api.resolve_backend("cached_prefill_attention", "auto", *arrays(19, 28, 4, 128)) == "pallas"
+    assert api.resolve_backend("segment_attention", "auto", *arrays(64, 16, 16, 80)) == "pallas"
+    assert api.resolve_backend("causal_attention", "auto", *arrays(64, 4, 2, 256)) == "xla"
+    assert api.resolve_backend("causal_attention", "auto", *arrays(64, 4, 2, 64, jnp.int32)) == "xla"
+
+
+def test_explicit_backend_that_cannot_serve_a_call_raises():
+    rng = np.random.default_rng(7)
+    case = _cache_case(rng, b=1, q=40, k=21, n=8, m=2, h=16, dtype=jnp.float32, with_rope=True)
+    positions = case.pop("k_positions_bk3")
+    args = tuple(case.values())
+    decode = functools.partial(api.cached_decode_attention, *args, k_positions_bk3=positions, rope=ROPE_16)
+    # float32 cannot go to cuDNN, and on a CPU there is no cuDNN at all.
+    with pytest.raises(ValueError, match="cached_decode_attention: backend 'cudnn' cannot serve this call: "
+                                         ".*(NVIDIA GPU|bfloat16).*; use backend='xla'"):
+        decode(backend="cudnn")
+    with pytest.raises(ValueError, match="cached_decode_attention: backend 'pallas' .* 160 rows exceed"):
+        decode(backend="pallas")
+    with pytest.raises(ValueError, match="segment_attention: backend 'pallas' .* different dtypes"):
+        api.segment_attention(args[0], args[1].astype(jnp.bfloat16), args[2], args[3], args[3], backend="pallas")
+    with pytest.raises(ValueError, match="'triton' is not one of"):
+        decode(backend="triton")
+
+
+def test_kernels_pallas_imports_nothing_from_svlm_jax():
+    """Every module of the package imports with svlm_jax made unimportable."""
+    code = ("import importlib, pkgutil, sys\n"
+            "sys.modules['svlm_jax'] = None  # any import of it now raises ImportError\n"
+            "import kernels_pallas\n"
+            "for module in pkgutil.iter_modules(kernels_pallas.__path__):\n"
+            "    importlib.import_module(f'kernels_pallas.{module.name}')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
+
+
+def test_rotate_keys_is_a_complex_rotation_of_half_pairs():
+    """Rotate-half M-RoPE as complex numbers: dims (i, i + H/2) turn by position[axis(i)] * inv_freq[i]."""
+    rng = np.random.default_rng(8)
+    k_bkmh = rng.standard_normal((2, 5, 3, 16)).astype(np.float32)
+    positions_bk3 = rng.integers(0, 50, (2, 5, 3))
+    axis_f = np.repeat([0, 1, 2], ROPE_16.mrope_section)
+    # Angles as HF forms them (float32 frequencies and product); the rotation itself in float64.
+    angles_bkf = positions_bk3[..., axis_f].astype(np.float32) * rotary.inv_freq(16, ROPE_16.theta)
+    pairs_bkmf = (k_bkmh[..., :8] + 1j * k_bkmh[..., 8:]) * np.exp(1j * angles_bkf.astype(np.float64))[:, :, None]
+    expected_bkmh = np.concatenate([pairs_bkmf.real, pairs_bkmf.imag], axis=-1)
+    out_bkmh = rotary.rotate_keys(jnp.asarray(k_bkmh), jnp.asarray(positions_bk3, jnp.int32), ROPE_16)
+    np.testing.assert_allclose(np.asarray(out_bkmh), expected_bkmh, atol=1e-5, rtol=1e-5)
 
 
 def test_head_padding_round_trip():
@@ -187,7 +259,7 @@ def test_kernels_lower_for_gpu_with_triton():
     s = jax.ShapeDtypeStruct
     b, q, k, n, m, h = 1, 40, 200, 28, 4, 128
     ids = lambda length: s((b, length), jnp.int32)
-    rope = reference.RotarySpec(theta=1e6, mrope_section=(16, 24, 24))
+    rope = rotary.RotarySpec(theta=1e6, mrope_section=(16, 24, 24))
 
     def cached(kernel, queries):
         return (lambda qq, kk, vv, qs, ks, qo, ko, pos: kernel(qq, kk, vv, qs, ks, qo, ko, k_positions_bk3=pos,
@@ -208,18 +280,3 @@ def test_kernels_lower_for_gpu_with_triton():
     for fn, args in cases:
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "xla.gpu.triton" in text
-
-
-@pytest.mark.skipif(ON_GPU, reason="pretends a GPU that cannot compile; a real one can")
-def test_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
-    """Pretend to be on a GPU: the CPU cannot compile a non-interpreted kernel, so the api warns once
-    and answers with the reference instead of crashing."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(api, "_COMPILES", {})
-    rng = np.random.default_rng(6)
-    case = _cache_case(rng, b=1, q=2, k=9, n=2, m=1, h=15, dtype=jnp.float32, with_rope=False)
-    del case["q_order_bq"], case["kv_order_bk"]
-    with pytest.warns(UserWarning, match="using the xla reference"):
-        out = api.attention(*case.values())
-    _close(out, reference.attention(*case.values()), jnp.float32)
-    assert api.fallbacks() == ["decode"]

@@ -130,7 +130,7 @@ def _smooth_frames(rng, num_frames, height, width):
 
 
 def test_smart_resize_known_answers():
-    # METHOD.md: 720p 16:9 with the streaming bounds -> 560x1008 (20x36 merged tokens); 360p -> 13x23 tokens.
+    # docs/method.md §2: 720p 16:9 with the streaming bounds -> 560x1008 (20x36 merged tokens); 360p -> 13x23 tokens.
     assert smart_resize(720, 1280, 28, 100 * 28 * 28, 768 * 28 * 28) == (560, 1008)
     assert smart_resize(360, 640, 28, 100 * 28 * 28, 768 * 28 * 28) == (364, 644)
     # Tiny input grows to min_pixels; both sides multiples of 28.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from svlm_jax.sampling import SamplingConfig, apply_repetition_penalty, filter_logits, next_token
+from svlm_jax.streaming.sampling import SamplingConfig, apply_repetition_penalty, filter_logits, next_token
 
 
 def test_repetition_penalty_matches_transformers(rng):

@@ -198,7 +198,7 @@ def test_written_dataset_reads_back(tmp_path):
         assert all(sample["video_start"] <= end < sample["video_end"] for _, end, _ in sample["text_stream"])
     with av.open(str(tmp_path / first["video"])) as container:
         assert container.streams.video[0].frames == 60 * config.render.fps + 1  # + the opening frame
-    # What training reads (VideoReader, METHOD.md's sampling rule) is what inference streams:
+    # What training reads (VideoReader, the sampling rule of docs/method.md §2) is what inference streams:
     # second s's frames as render_second draws them, from any start (near-lossless encoding).
     expected = stream_window(MatchConfig(seed=3), 0, 60).frames.astype(int)
     for start in (0, 7, 24):

@@ -33,6 +33,7 @@ train = "{train}"
 buckets = [[300, 96], [500, 96]]
 chunk_seconds = 6
 overlap_seconds = 3
+[policy]
 text_sink = 16
 text_window = 16
 [train]

@@ -8,28 +8,28 @@ import dataclasses
 import numpy as np
 import pytest
 
-from svlm_jax import prompt
+from svlm_jax import stream_format
 from svlm_jax.config import tiny
 from svlm_jax.media.preprocess import VisionPreprocessConfig, preprocess_video
 from svlm_jax.media.video import VideoReader
-from svlm_jax.tokenizer import Tokenizer
+from svlm_jax.tokenizer import SpecialTokenIds, Tokenizer
 from svlm_jax.train import data
 
 # A character-level toy tokenizer: text is its code points, special tokens are 1001..1005.
 SPECIAL = {1001: "<s>", 1002: "</s>", 1003: "<vs>", 1004: "<ve>", 1005: "P"}
 
 
-class CharFormat(data.ChatFormat):
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
+def char_encode(text: str) -> list[int]:
+    return [ord(c) for c in text]
 
 
-CHARS = CharFormat(prompt.ChatTokens(im_start=1001, im_end=1002, vision_start=1003, vision_end=1004, video_pad=1005,
-                                     newline=(10,), end_marker=tuple(ord(c) for c in " ...")), "", pad_id=0)
+CHARS = stream_format.StreamFormat(
+    SpecialTokenIds(endoftext=1000, im_start=1001, im_end=1002, vision_start=1003, vision_end=1004, vision_pad=1007,
+                    image_pad=1006, video_pad=1005), char_encode, system="S", query="Q")
 MODEL = dataclasses.replace(tiny(vocab_size=1100), image_token_id=1006, video_token_id=1005,
                             vision_start_token_id=1003, vision_end_token_id=1004)
 VISION = VisionPreprocessConfig()
-SPEC = data.ChunkSpec(chunk_seconds=3, overlap_seconds=1, text_sink=2, text_window=3, system="S", query="Q")
+SPEC = data.ChunkSpec(chunk_seconds=3, overlap_seconds=1, policy=stream_format.CachePolicy(text_sink=2, text_window=3))
 
 
 def text_of(ids) -> str:
@@ -93,7 +93,7 @@ def test_later_chunk_previous_text_truncated_and_qa(rng):
 def test_sample_with_previous_has_no_query(rng):
     sample = data.Sample(video=None, video_start=0.0, video_end=2.5, words=((1.2, 1.9, "go"),), previous="old news",
                          qa=((0.2, 0.5, "score?", "nil"),))
-    rounds = data.sample_rounds(sample, SPEC)
+    rounds = data.sample_rounds(sample, CHARS)
     assert [(r.t_start, r.query, r.words) for r in rounds] == [(0.0, "score?", ("nil",)), (1.0, None, ("go",))]
     chunk = data.chunk_from_frames(CHARS, MODEL, SPEC, VISION, sample, 0, random_frames(rng, 2))
     # previous " old news": first 2 + last 3 characters
@@ -110,16 +110,15 @@ def test_previous_ids_is_the_policy_over_all_earlier_text(rng):
                       for k in range(n) if rng.random() < 0.6)
         previous = " ".join("xyz"[int(i)] * 2 for i in rng.integers(0, 3, int(rng.integers(0, 5))))
         sample = data.Sample(video=None, video_start=0.0, video_end=float(n), words=words, previous=previous)
-        spec = data.ChunkSpec(chunk_seconds=3, overlap_seconds=1, text_sink=int(rng.integers(0, 8)),
-                              text_window=int(rng.integers(0, 12)))
-        rounds = data.sample_rounds(sample, spec)
+        policy = stream_format.CachePolicy(text_sink=int(rng.integers(0, 8)), text_window=int(rng.integers(0, 12)))
+        rounds = data.sample_rounds(sample, CHARS)
         for start in range(n + 1):
             said = [ord(c) for c in (" " + previous if previous else "")]
             for r in rounds[:start]:
                 said += [ord(c) for c in "".join(" " + w for w in r.words)]
-            want = said if len(said) <= spec.text_sink + spec.text_window else (
-                said[:spec.text_sink] + said[len(said) - spec.text_window:] * (spec.text_window > 0))
-            assert data.previous_ids(CHARS, sample, rounds, start, spec) == want
+            want = said if len(said) <= policy.text_sink + policy.text_window else (
+                said[:policy.text_sink] + said[len(said) - policy.text_window:] * (policy.text_window > 0))
+            assert data.previous_ids(CHARS, sample, rounds, start, policy) == want
 
 
 def test_positions_follow_the_vision_blocks(rng):
@@ -161,9 +160,11 @@ def synth_plan(tmp_path_factory, stream_tokenizer):
     model = dataclasses.replace(tiny(vocab_size=stream_tokenizer.vocab_size), image_token_id=sp.image_pad,
                                 video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
                                 vision_end_token_id=sp.vision_end)
-    fmt = data.ChatFormat.from_tokenizer(stream_tokenizer, stream_tokenizer.name)
-    spec = data.ChunkSpec(chunk_seconds=8, overlap_seconds=4, text_sink=16, text_window=16)
-    return data.plan_chunks(fmt, model, spec, VISION, data.read_samples(jsonl),
+    fmt = data.training_format(stream_tokenizer, stream_tokenizer.name, system=stream_format.SYSTEM,
+                               query=stream_format.QUERY)
+    spec = data.ChunkSpec(chunk_seconds=8, overlap_seconds=4, policy=stream_format.CachePolicy(text_sink=16,
+                                                                                               text_window=16))
+    return data.plan_chunks(fmt, data.pad_id(stream_tokenizer), model, spec, VISION, data.read_samples(jsonl),
                             [data.Bucket(600, 128), data.Bucket(390, 128)])
 
 
@@ -197,9 +198,9 @@ def test_file_chunks_decode_the_right_seconds(synth_plan):
         seconds = [s.frames_thwc for s in reader][34:42]
     expected = np.concatenate([preprocess_video(f, VISION)[0] for f in seconds])
     np.testing.assert_array_equal(out["rows_bpv"][0, 0, :len(expected)], expected)
-    decoded = Tokenizer.from_pretrained(synth_plan.fmt.tokenizer_dir).decode(out["ids_bt"][0, 0])
+    decoded = Tokenizer.from_pretrained(synth_plan.fmt.encode.tokenizer_dir).decode(out["ids_bt"][0, 0])
     assert "Time=34.0-35.0s<|vision_start|>" in decoded and "Time=41.0-42.0s" in decoded
-    assert "Time=42.0" not in decoded and prompt.QUERY not in decoded
+    assert "Time=42.0" not in decoded and stream_format.QUERY not in decoded
 
 
 def test_dataset_resumes_exactly_and_workers_agree(synth_plan):

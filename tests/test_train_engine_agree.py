@@ -1,4 +1,4 @@
-"""Training chunks and the streaming cache are built by one definition of the format and policy:
+"""Training chunks and the streaming cache are built from one stream format and one cache policy:
 a stream replayed through the engine with known commentary holds exactly the ids and positions of
 the training chunk covering its retained seconds."""
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from svlm_jax.media.preprocess import VisionPreprocessConfig
-from svlm_jax.session import StreamConfig, StreamingSession
-from svlm_jax.train.data import ChatFormat, ChunkSpec, Sample, chunk_from_frames
+from svlm_jax.stream_format import CachePolicy
+from svlm_jax.streaming import StreamConfig, StreamingSession
+from svlm_jax.train.data import ChunkSpec, Sample, chunk_from_frames, training_format
 
 WORDS = ["Red", "passes.", "Blue", "shoots!", "Goal", "for", "Red!", "Saved", "by", "Blue."]
 
@@ -29,13 +30,14 @@ def test_replayed_stream_equals_training_chunk(stream_model, stream_tokenizer, s
     vision_cfg = VisionPreprocessConfig(min_pixels=side * side, max_pixels=side * side)
     frames = [rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8) for _ in range(n_seconds)]
 
-    session = StreamingSession(stream_model, stream_tokenizer,
-                               StreamConfig(text_rounds=rounds, vision_window_s=rounds, text_sink=sink,
-                                            text_window=window, max_new_tokens=16, previous_text=sample.previous),
-                               preprocess=vision_cfg)
-    fmt = ChatFormat.from_tokenizer(stream_tokenizer, stream_tokenizer_dir)
-    spec = ChunkSpec(chunk_seconds=rounds, overlap_seconds=0, text_sink=sink, text_window=window)
-    tail = len(session.chat.newline)  # the last round's "\n" arrives with the next second
+    policy = CachePolicy(text_rounds=rounds, vision_window_s=rounds, text_sink=sink, text_window=window,
+                         max_new_tokens=16)
+    config = StreamConfig(policy, previous_text=sample.previous)
+    session = StreamingSession(stream_model, stream_tokenizer, config, preprocess=vision_cfg)
+    fmt = training_format(stream_tokenizer, stream_tokenizer_dir, system=config.system, query=config.query)
+    assert fmt.special == session.format.special and fmt.head_ids() == session.format.head_ids()
+    spec = ChunkSpec(chunk_seconds=rounds, overlap_seconds=0, policy=policy)
+    tail = len(fmt.tail_ids())  # the last round's tail ("\n") arrives with the next second
     for s in range(n_seconds):
         said = " ".join(w for _, end, w in words if s <= end < s + 1)
         session.replay(frames[s], float(s), float(s + 1), said)

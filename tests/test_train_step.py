@@ -21,6 +21,7 @@ import svlm_jax
 from svlm_jax.config import tiny
 from svlm_jax.media.preprocess import VisionPreprocessConfig
 from svlm_jax.model.params import Model
+from svlm_jax.stream_format import QUERY, SYSTEM
 from svlm_jax.train import data, step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def model_config(tok):
 def random_chunks(tok, cfg, seed: int, n: int):
     """`n` chunks of 2-3 seconds with random frames and commentary."""
     rng = np.random.default_rng(seed)
-    fmt = data.ChatFormat.from_tokenizer(tok, tok.name)
+    fmt = data.training_format(tok, tok.name, system=SYSTEM, query=QUERY)
     spec = data.ChunkSpec(chunk_seconds=3, overlap_seconds=1)
     vocab = ["Red", "passes.", "Blue", "shoots!", "Goal", "Foul"]
     chunks = []
@@ -47,7 +48,7 @@ def random_chunks(tok, cfg, seed: int, n: int):
         sample = data.Sample(None, 0.0, float(seconds), words, previous="Red passes." if i % 3 else "")
         frames = [rng.integers(0, 256, (2, 56, 56, 3), dtype=np.uint8) for _ in range(seconds)]
         chunks.append(data.chunk_from_frames(fmt, cfg, spec, VisionPreprocessConfig(), sample, 0, frames))
-    return chunks, fmt.pad_id
+    return chunks, data.pad_id(tok)
 
 
 def make_batch(cfg, chunks, pad_id, grad_accum: int) -> step.Batch:

@@ -1,6 +1,6 @@
 """Read a video one second at a time with PyAV: files, URLs, capture devices and pipes (stdin as "-").
 
-Sampling rule (METHOD.md §2 "Frames"): second k covers [start + k, start + k + 1) and gets `fps` frames, taken at
+Sampling rule (docs/method.md §2 "Frames"): second k covers [start + k, start + k + 1) and gets `fps` frames, taken at
 the frame-end times start + k + j/fps for j = 1..fps; the frame taken at a time s is the one on screen at s, i.e.
 the latest decoded frame whose timestamp is <= s. Times are seconds relative to the stream's start time (or to the
 first frame's timestamp when the stream has none), compared exactly as fractions.
@@ -25,6 +25,8 @@ from typing import BinaryIO, Iterator
 
 import av
 import numpy as np
+
+from svlm_jax.stream_format import CachePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class VideoReader:
         self,
         source: str | os.PathLike | BinaryIO,
         *,
-        fps: int = 2,
+        fps: int = CachePolicy.fps,
         start: float = 0.0,
         format: str | None = None,
         options: dict[str, str] | None = None,

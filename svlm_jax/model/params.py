@@ -1,12 +1,19 @@
 """Parameter pytrees: dataclasses of arrays, per-layer weights stacked on a leading layer axis.
 
-Axis letters: L layers, D text hidden, N query heads, K kv heads, H head dim, F MLP width, V vocab,
-C vision channels, P patch values (1176), E merger width (4C). Matrices are stored [in, out].
-Fields that a variant lacks are None (Qwen2-VL has no gate, LayerNorm biases only there, tied
-embeddings have no separate head).
+Axis letters in field names document the shapes (`param_shapes`): L layers, D text hidden, N query
+heads, K kv heads, H head dim, F MLP width, V vocab, C vision channels, P patch values (1176),
+E merger width (4C). Matrices are stored [in, out]. Fields that a variant lacks are None (Qwen2-VL
+has no gate, LayerNorm biases only there, tied embeddings have no separate head).
+
+What each parameter is for training (its logical axes, which train/sharding.py maps to mesh axes,
+its initialisation and whether AdamW decays it) is `PARAM_RULES`, keyed by the parameter's dotted
+path ("text.layers.q_w_ldnh"): a field's name decides nothing, and a path missing from the table is
+an error.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +124,99 @@ def param_shapes(config: ModelConfig) -> Params:
     return Params(vision=vision, text=text)
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamRule:
+    axes: tuple[str, ...]  # logical name of each dimension (train/sharding.py maps them to mesh axes)
+    init: str              # "normal" (init_params' std), "zeros" or "ones"
+    decayed: bool          # whether AdamW's weight decay applies
+
+    def __post_init__(self):
+        if self.init not in ("normal", "zeros", "ones"):
+            raise ValueError(f"unknown init {self.init!r}")
+
+
+def _weight(*axes: str) -> ParamRule:
+    """A matrix or embedding: random, weight-decayed."""
+    return ParamRule(axes, init="normal", decayed=True)
+
+
+def _bias(*axes: str) -> ParamRule:
+    return ParamRule(axes, init="zeros", decayed=False)
+
+
+def _norm_weight(*axes: str) -> ParamRule:
+    return ParamRule(axes, init="ones", decayed=False)
+
+
+# Every parameter of every variant. The vision tower has axis names of its own (never "embed",
+# "mlp", ...): it is sharded by rules of its own (train/sharding.py replicates it).
+PARAM_RULES: dict[str, ParamRule] = {
+    "vision.patch_w_pc": _weight("vision_patch", "vision_embed"),
+    "vision.blocks.norm1_w_lc": _norm_weight("vision_layers", "vision_embed"),
+    "vision.blocks.norm1_b_lc": _bias("vision_layers", "vision_embed"),
+    "vision.blocks.qkv_w_lc3nh": _weight("vision_layers", "vision_embed", "vision_qkv", "vision_heads",
+                                         "vision_head_dim"),
+    "vision.blocks.qkv_b_l3nh": _bias("vision_layers", "vision_qkv", "vision_heads", "vision_head_dim"),
+    "vision.blocks.proj_w_lnhc": _weight("vision_layers", "vision_heads", "vision_head_dim", "vision_embed"),
+    "vision.blocks.proj_b_lc": _bias("vision_layers", "vision_embed"),
+    "vision.blocks.norm2_w_lc": _norm_weight("vision_layers", "vision_embed"),
+    "vision.blocks.norm2_b_lc": _bias("vision_layers", "vision_embed"),
+    "vision.blocks.gate_w_lcf": _weight("vision_layers", "vision_embed", "vision_mlp"),
+    "vision.blocks.gate_b_lf": _bias("vision_layers", "vision_mlp"),
+    "vision.blocks.up_w_lcf": _weight("vision_layers", "vision_embed", "vision_mlp"),
+    "vision.blocks.up_b_lf": _bias("vision_layers", "vision_mlp"),
+    "vision.blocks.down_w_lfc": _weight("vision_layers", "vision_mlp", "vision_embed"),
+    "vision.blocks.down_b_lc": _bias("vision_layers", "vision_embed"),
+    "vision.merger_norm_w_c": _norm_weight("vision_embed"),
+    "vision.merger_norm_b_c": _bias("vision_embed"),
+    "vision.merger_fc1_w_ee": _weight("vision_merger", "vision_merger"),
+    "vision.merger_fc1_b_e": _bias("vision_merger"),
+    "vision.merger_fc2_w_ed": _weight("vision_merger", "vision_out"),
+    "vision.merger_fc2_b_d": _bias("vision_out"),
+    "text.embed_vd": _weight("vocab", "embed"),
+    "text.layers.attn_norm_ld": _norm_weight("layers", "embed"),
+    "text.layers.q_w_ldnh": _weight("layers", "embed", "q_heads", "head_dim"),
+    "text.layers.q_b_lnh": _bias("layers", "q_heads", "head_dim"),
+    "text.layers.k_w_ldkh": _weight("layers", "embed", "kv_heads", "head_dim"),
+    "text.layers.k_b_lkh": _bias("layers", "kv_heads", "head_dim"),
+    "text.layers.v_w_ldkh": _weight("layers", "embed", "kv_heads", "head_dim"),
+    "text.layers.v_b_lkh": _bias("layers", "kv_heads", "head_dim"),
+    "text.layers.o_w_lnhd": _weight("layers", "q_heads", "head_dim", "embed"),
+    "text.layers.mlp_norm_ld": _norm_weight("layers", "embed"),
+    "text.layers.gate_w_ldf": _weight("layers", "embed", "mlp"),
+    "text.layers.up_w_ldf": _weight("layers", "embed", "mlp"),
+    "text.layers.down_w_lfd": _weight("layers", "mlp", "embed"),
+    "text.final_norm_d": _norm_weight("embed"),
+    "text.lm_head_dv": _weight("embed", "vocab"),
+}
+
+
+def param_rule(path: str) -> ParamRule:
+    if path not in PARAM_RULES:
+        raise KeyError(f"parameter {path!r} has no entry in PARAM_RULES (svlm_jax/model/params.py)")
+    return PARAM_RULES[path]
+
+
+def dotted_path(key_path) -> str:
+    """A parameter's key path inside its tree as a dotted string: "layers.q_w_ldnh"."""
+    return ".".join(k.name for k in key_path)
+
+
+# The parameter trees training holds, with the path of their root: all parameters, or the part the
+# optimizer trains (the LM alone when the vision tower is frozen), whose moments have its structure.
+PARAM_TREE_ROOTS = {Params: "", TextParams: "text.", VisionParams: "vision."}
+
+
+def is_param_tree(x) -> bool:
+    return type(x) in PARAM_TREE_ROOTS
+
+
+def map_param_tree(fn, tree):
+    """fn(parameter path, leaf) on every leaf of a parameter tree (a Params or its text or vision part)."""
+    root = PARAM_TREE_ROOTS[type(tree)]
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(root + dotted_path(path), x), tree)
+
+
 def _is_shape(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
@@ -124,21 +224,19 @@ def _is_shape(x) -> bool:
 def param_leaves(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(dotted path, shape) of every parameter, e.g. ("text.layers.q_w_ldnh", (L, D, N, H))."""
     flat, _ = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=_is_shape)
-    return [(".".join(k.name for k in path), shape) for path, shape in flat]
+    return [(dotted_path(path), shape) for path, shape in flat]
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random weights: normal(0, std) matrices, zero biases, unit norm weights. Drawn with numpy
-    (seeded from `key`): per-shape jax.random programs would each compile."""
+    """Random weights, each as PARAM_RULES says: normal(0, std), zeros or ones. Drawn with numpy
+    (seeded from `key`, in leaf order): per-shape jax.random programs would each compile."""
     shapes = param_shapes(config)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
 
     def make(path, shape):
-        field = path[-1].name
-        if "_b_" in field:
-            return jnp.zeros(shape, dtype)
-        if "norm" in field:
-            return jnp.ones(shape, dtype)
-        return jnp.asarray(std * rng.standard_normal(shape, np.float32), dtype)
+        init = param_rule(dotted_path(path)).init
+        if init == "normal":
+            return jnp.asarray(std * rng.standard_normal(shape, np.float32), dtype)
+        return (jnp.zeros if init == "zeros" else jnp.ones)(shape, dtype)
 
     return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=_is_shape)

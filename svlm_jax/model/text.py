@@ -42,10 +42,11 @@ def text_angles(cfg: TextConfig, positions_bt3):
 
 
 def decode_hidden(cfg: TextConfig, params: TextParams, x_btd, positions_bt3, segment_bt, order_bt, *,
-                  remat: bool = False):
+                  remat: bool = False, attention_backend: str = "auto"):
     """All decoder layers over full sequences (no cache) and the final norm: hidden [B, T, D].
 
-    Attention: causal in `order_bt`, within equal `segment_bt` (0 = padding), as in kernels_pallas.
+    Attention: causal in `order_bt`, within equal `segment_bt` (0 = padding), by
+    `kernels_pallas.causal_attention` on `attention_backend` (differentiable with every backend).
     `remat` rematerialises each layer in the backward pass (training).
     """
     angles_bth2 = text_angles(cfg, positions_bt3)
@@ -53,7 +54,8 @@ def decode_hidden(cfg: TextConfig, params: TextParams, x_btd, positions_bt3, seg
     def layer_fn(x, layer):
         q, k, v = project_qkv(cfg, layer, x)
         q, k = rope.apply_rotary(q, angles_bth2), rope.apply_rotary(k, angles_bth2)
-        o = attention_api.attention(q, k, v, segment_bt, segment_bt, order_bt, order_bt)
+        o = attention_api.causal_attention(q, k, v, segment_bt, segment_bt, order_bt, order_bt,
+                                           backend=attention_backend)
         return finish_layer(cfg, layer, x, o), None
 
     if remat:

@@ -112,13 +112,13 @@ def vision_angles(cfg: VisionConfig, hw_p2):
     return jnp.concatenate([hw[:, :1] * freqs, hw[:, 1:] * freqs], axis=-1)
 
 
-def _block(cfg: VisionConfig, x_pc, blk, is_full, layout: VisionLayout, angles_1p_h2):
+def _block(cfg: VisionConfig, x_pc, blk, is_full, layout: VisionLayout, angles_1p_h2, attention_backend: str):
     segment_p = jnp.where(is_full, layout.frame_segment_p, layout.window_segment_p)[None]
     h = _norm(x_pc, blk.norm1_w_lc, blk.norm1_b_lc, cfg.norm_eps)
     qkv = jnp.einsum("PC,CTNH->TPNH", h, blk.qkv_w_lc3nh) + blk.qkv_b_l3nh[:, None]
     q, k, v = (rope.apply_rotary(qkv[0][None], angles_1p_h2), rope.apply_rotary(qkv[1][None], angles_1p_h2),
                qkv[2][None])
-    o = attention_api.attention(q, k, v, segment_p, segment_p)[0]
+    o = attention_api.segment_attention(q, k, v, segment_p, segment_p, backend=attention_backend)[0]
     x_pc = x_pc + jnp.einsum("PNH,NHC->PC", o, blk.proj_w_lnhc) + blk.proj_b_lc
     h = _norm(x_pc, blk.norm2_w_lc, blk.norm2_b_lc, cfg.norm_eps)
     up = jnp.einsum("PC,CF->PF", h, blk.up_w_lcf) + blk.up_b_lf
@@ -129,8 +129,11 @@ def _block(cfg: VisionConfig, x_pc, blk, is_full, layout: VisionLayout, angles_1
     return x_pc + jnp.einsum("PF,FC->PC", act, blk.down_w_lfc) + blk.down_b_lc
 
 
-def encode(cfg: VisionConfig, params: VisionParams, rows_pv, layout: VisionLayout):
-    """Patch rows [P, 1176] (processor order) -> merged vision tokens [P/4, out_hidden] (processor order)."""
+def encode(cfg: VisionConfig, params: VisionParams, rows_pv, layout: VisionLayout, *,
+           attention_backend: str = "auto"):
+    """Patch rows [P, 1176] (processor order) -> merged vision tokens [P/4, out_hidden] (processor order).
+
+    Window and frame attention: `kernels_pallas.segment_attention` on `attention_backend`."""
     dtype = params.patch_w_pc.dtype
     x_pc = rows_pv.astype(dtype)[layout.patch_order_p] @ params.patch_w_pc
     angles_1p_h2 = vision_angles(cfg, layout.hw_p2)[None]
@@ -138,7 +141,7 @@ def encode(cfg: VisionConfig, params: VisionParams, rows_pv, layout: VisionLayou
 
     def step(x, blk_and_flag):
         blk, is_full = blk_and_flag
-        return _block(cfg, x, blk, is_full, layout, angles_1p_h2), None
+        return _block(cfg, x, blk, is_full, layout, angles_1p_h2, attention_backend), None
 
     x_pc, _ = jax.lax.scan(step, x_pc, (params.blocks, is_full_l))
     h = _norm(x_pc, params.merger_norm_w_c, params.merger_norm_b_c, cfg.norm_eps)

@@ -1,9 +1,9 @@
-"""Synthetic match streams as training samples (METHOD.md §4 JSONL + mp4) or in memory.
+"""Synthetic match streams as training samples (docs/method.md §5 JSONL + mp4) or in memory.
 
 One mp4 per stream (seed): H.264 (libx264, yuv444p so the team colours keep full resolution)
 at `fps` frames per second. Frame i (pts i / fps) shows the match at time i / fps from the
 stream's start: an opening frame (the first instant) and then every second's frames, so the
-frames VideoReader samples for second s (those on screen at s + j / fps, j = 1..fps, METHOD.md
+frames VideoReader samples for second s (those on screen at s + j / fps, j = 1..fps, docs/method.md
 §2) are exactly the frames `render_second` gives for s, which streaming inference sees.
 
 Every stream's `previous` opens with the match's intro (`commentary.match_intro`: which team is

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from svlm_jax.stream_format import CachePolicy
 from svlm_jax.synth.world import GOAL_MOUTH, HOME, SecondRecord, Snapshot, clock_text
 
 TEAM_COLOURS = {
@@ -63,7 +64,7 @@ _GLYPHS = {  # 3x5 bitmap font
 class RenderConfig:
     height: int = 112  # multiples of 28 match the model's merged patch size
     width: int = 112
-    fps: int = 2
+    fps: int = CachePolicy.fps
 
     @property
     def bar_height(self) -> int:

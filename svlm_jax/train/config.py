@@ -1,4 +1,4 @@
-"""The training config file (TOML): five tables, every field below; unknown fields are refused.
+"""The training config file (TOML): six tables, every field below; unknown fields are refused.
 
 [model]
   tokenizer      (required) directory with tokenizer.json (+ optional tokenizer_config.json,
@@ -14,8 +14,8 @@
 [data]
   train          (required) JSONL of samples (format: `svlm_jax.train.data`)
   buckets        (required) [[tokens, patches], ...]: padded chunk sizes; one compilation each
-  chunk_seconds  24; overlap_seconds 12; text_sink 512; text_window 512; fps 2
-  system, query  the prompt's system text and first-round query (`svlm_jax.prompt` defaults)
+  chunk_seconds  24; overlap_seconds 12
+  system, query  the prompt's system text and first-round query (`svlm_jax.stream_format` defaults)
   min_pixels, max_pixels   frame size bounds for smart_resize; 0 = the tokenizer directory's
                  preprocessor_config.json, else Qwen's defaults
   workers        Grain worker processes decoding video (0 = in the training process)
@@ -29,6 +29,9 @@
   lr 1e-5; vision_lr 0 (the vision tower's peak learning rate, only with freeze_vision = false;
                  0: lr); warmup_ratio 0.03; weight_decay 0.0; adam_b1 0.9; adam_b2 0.999; clip_norm 1.0
   log_every      steps between progress lines / log records, default 1
+[policy]         the streaming cache policy the chunks follow (`stream_format.CachePolicy`):
+  text_sink 512; text_window 512 (previous text kept); fps 2 (frames per second); text_rounds 16,
+  vision_window_s 16, max_new_tokens 20 (what streaming keeps: checked, not used by chunking)
 [mesh]
   data -1 (all devices the other axes leave); fsdp 1; tensor 1
 [checkpoint]
@@ -44,6 +47,7 @@ import types
 import typing
 from pathlib import Path
 
+from svlm_jax.stream_format import QUERY, SYSTEM, CachePolicy
 from svlm_jax.train.data import ChunkSpec
 from svlm_jax.train.step import OptimConfig
 
@@ -71,11 +75,8 @@ class DataSection:
     # How streams become chunks: defaults are ChunkSpec's (one definition), copied field by field.
     chunk_seconds: int = ChunkSpec.chunk_seconds
     overlap_seconds: int = ChunkSpec.overlap_seconds
-    text_sink: int = ChunkSpec.text_sink
-    text_window: int = ChunkSpec.text_window
-    fps: int = ChunkSpec.fps
-    system: str = ChunkSpec.system
-    query: str = ChunkSpec.query
+    system: str = SYSTEM
+    query: str = QUERY
     min_pixels: int = 0
     max_pixels: int = 0
     workers: int = 0
@@ -120,6 +121,7 @@ class TrainConfig:
     model: ModelSection
     data: DataSection
     train: TrainSection
+    policy: CachePolicy = CachePolicy()
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
 
@@ -167,7 +169,10 @@ def _parse_table(cls, raw, where: str):
     values = {f.name: _convert(hints[f.name], raw[name], f"{where} [{name}]" if dataclasses.is_dataclass(hints[f.name])
                                else f"{where}: {name}")
               for name, f in fields.items() if name in raw}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:  # a section's own checks (CachePolicy)
+        raise TrainConfigError(f"{where}: {e}") from None
 
 
 def _convert(kind, value, where: str):
@@ -201,12 +206,11 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     for name in ("param_dtype", "compute_dtype"):
         if getattr(m, name) not in DTYPES:
             problems.append(f"model: {name} must be one of {DTYPES}")
-    positive = {"data.chunk_seconds": d.chunk_seconds, "data.fps": d.fps, "data.prefetch": d.prefetch,
+    positive = {"data.chunk_seconds": d.chunk_seconds, "data.prefetch": d.prefetch,
                 "train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.log_every": t.log_every, "checkpoint.every": c.every, "checkpoint.keep": c.keep}
     problems += [f"{k} must be >= 1" for k, v in positive.items() if v < 1]
-    non_negative = {"data.overlap_seconds": d.overlap_seconds, "data.text_sink": d.text_sink,
-                    "data.text_window": d.text_window, "data.min_pixels": d.min_pixels,
+    non_negative = {"data.overlap_seconds": d.overlap_seconds, "data.min_pixels": d.min_pixels,
                     "data.max_pixels": d.max_pixels, "data.workers": d.workers, "data.seed": d.seed,
                     "train.weight_decay": t.weight_decay, "train.vision_lr": t.vision_lr,
                     "model.init_seed": m.init_seed}

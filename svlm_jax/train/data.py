@@ -1,4 +1,4 @@
-"""Overlapped-chunk SFT data (METHOD.md §4): JSONL samples -> chunks -> padded, bucketed batches.
+"""Overlapped-chunk SFT data (docs/method.md §5): JSONL samples -> chunks -> padded, bucketed batches.
 
 Sample format (one JSON object per line; times in seconds on the video's own timeline):
   video        path of the video, relative to the JSONL file's folder
@@ -13,13 +13,14 @@ Sample format (one JSON object per line; times in seconds on the video's own tim
                rounds see it in the previous text, as at inference.
 
 A stream is cut into chunks of `chunk_seconds` starting every `chunk_seconds - overlap_seconds`
-(the last chunk ends at the stream's end). A chunk is, in the one format of `svlm_jax.prompt`:
-  system block, previous-text block, then per second: user turn (`Time=a-b s`, that second's
-  frames as one video grid, the query if any) and assistant turn (words, " ...", <|im_end|>).
+(the last chunk ends at the stream's end). A chunk is the one stream format of
+`svlm_jax.stream_format` laid flat (`StreamFormat.flat_chunk`): head, previous text, footer, then
+per second its round (user turn with `Time=a-b s`, that second's frames as one video grid and the
+query if any; the answer: words, " ...", <|im_end|>).
 Previous text = the sample's `previous` (as one commentary) then the commentary of every earlier
 second of the stream (each second tokenized on its own, as inference moves each round's generated
-text), cut by `prompt.truncate_previous` to the first `text_sink` and last `text_window` tokens.
-The query (`prompt.round_query`, which the engine follows too): a chunk carries it in its round 0
+text), cut by `stream_format.truncate_previous` to the policy's first `text_sink` and last `text_window` tokens.
+The query (`stream_format.round_query`, which the engine follows too): a chunk carries it in its round 0
 exactly when that round is second 0 of a sample without `previous` (a stream's true start).
 Labels (aligned with the ids; IGNORE elsewhere): the assistant turns (content, " ...", <|im_end|>).
 
@@ -45,7 +46,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from svlm_jax import prompt
+from svlm_jax.stream_format import IGNORE, CachePolicy, Round, StreamFormat, round_query, truncate_previous
 from svlm_jax.config import ModelConfig, VisionConfig
 from svlm_jax.media.preprocess import VisionPreprocessConfig, preprocess_video, smart_resize
 from svlm_jax.media.video import VideoReader
@@ -55,31 +56,23 @@ from svlm_jax.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-IGNORE = -100  # label of tokens that carry no loss
-
-
 class DataError(ValueError):
     """A sample or dataset setting is unusable; the message names the file, line and field."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ChunkSpec:
-    """How streams become chunks (METHOD.md §4 defaults)."""
+    """How streams become chunks (docs/method.md §5 defaults) under the streaming cache policy:
+    the chunks' previous text is the policy's sink and window, their frames its fps."""
 
     chunk_seconds: int = 24
     overlap_seconds: int = 12
-    text_sink: int = 512
-    text_window: int = 512
-    fps: int = 2
-    system: str = prompt.SYSTEM
-    query: str = prompt.QUERY
+    policy: CachePolicy = CachePolicy()
 
     def __post_init__(self):
         if self.chunk_seconds < 1 or not 0 <= self.overlap_seconds < self.chunk_seconds:
             raise DataError(f"need chunk_seconds >= 1 and 0 <= overlap_seconds < chunk_seconds, got "
                             f"{self.chunk_seconds} / {self.overlap_seconds}")
-        if self.text_sink < 0 or self.text_window < 0 or self.fps < 1:
-            raise DataError("text_sink and text_window must be >= 0 and fps >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,30 +101,22 @@ class Sample:
 
 
 @dataclasses.dataclass(frozen=True)
-class Round:
-    """One second of a stream as text: its time label, user query (or None) and assistant words."""
+class TokenizerFile:
+    """`encode` of a tokenizer directory, picklable (Grain workers load the tokenizer once each)."""
 
-    t_start: float
-    t_end: float
-    query: str | None
-    words: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatFormat:
-    """What chunk building needs from a tokenizer; picklable, so Grain workers can use it."""
-
-    tokens: prompt.ChatTokens
     tokenizer_dir: str
-    pad_id: int
 
-    @classmethod
-    def from_tokenizer(cls, tok: Tokenizer, tokenizer_dir: str | Path) -> "ChatFormat":
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.special.endoftext
-        return cls(prompt.ChatTokens.from_tokenizer(tok.token_id, tok.encode), str(tokenizer_dir), pad)
-
-    def encode(self, text: str) -> list[int]:
+    def __call__(self, text: str) -> list[int]:
         return _tokenizer(self.tokenizer_dir).encode(text)
+
+
+def training_format(tok: Tokenizer, tokenizer_dir: str | Path, *, system: str, query: str) -> StreamFormat:
+    """The stream format of `tok` (loaded from `tokenizer_dir`) with a picklable encoder."""
+    return StreamFormat.from_tokenizer(tok, TokenizerFile(str(tokenizer_dir)), system=system, query=query)
+
+
+def pad_id(tok: Tokenizer) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.special.endoftext
 
 
 @functools.lru_cache(maxsize=4)
@@ -187,7 +172,7 @@ def _parse_sample(d: dict, path: Path, line_no: int) -> Sample:
     return sample
 
 
-def sample_rounds(sample: Sample, spec: ChunkSpec) -> list[Round]:
+def sample_rounds(sample: Sample, fmt: StreamFormat) -> list[Round]:
     """Every second of a sample as a Round (see the module docstring for query and QA placement)."""
     words: list[list[str]] = [[] for _ in range(sample.n_seconds)]
     for _, end, word in sample.words:
@@ -199,7 +184,7 @@ def sample_rounds(sample: Sample, spec: ChunkSpec) -> list[Round]:
         words[k] += answer.split()
     rounds = []
     for k in range(sample.n_seconds):
-        query = prompt.round_query(spec.query, k, bool(sample.previous))
+        query = round_query(fmt.query, k, bool(sample.previous))
         parts = ([query] if query else []) + questions[k]
         t = sample.video_start + k
         rounds.append(Round(t, t + 1, " ".join(parts) or None, tuple(words[k])))
@@ -216,63 +201,46 @@ def chunk_bounds(n_seconds: int, spec: ChunkSpec) -> list[tuple[int, int]]:
     return bounds
 
 
-def previous_ids(fmt: ChatFormat, sample: Sample, rounds: Sequence[Round], start: int, spec: ChunkSpec) -> list[int]:
+def previous_ids(fmt: StreamFormat, sample: Sample, rounds: Sequence[Round], start: int, policy: CachePolicy) -> list[int]:
     """Previous-text tokens of a chunk starting at second `start`: inference's truncation policy.
     Tokenizes only the rounds that reach the sink (from the front) or the window (from the back),
     so a chunk hours into a stream costs no more than one near its start."""
-    head, k = prompt.previous_text_ids(fmt.encode, sample.previous), 0
-    while len(head) < spec.text_sink and k < start:
-        head += prompt.commentary_ids(fmt.encode, rounds[k].words)
+    head, k = fmt.previous_text_ids(sample.previous), 0
+    while len(head) < policy.text_sink and k < start:
+        head += fmt.commentary_ids(rounds[k].words)
         k += 1
     tail, j = [], start
-    while len(tail) < spec.text_window and j > k:
+    while len(tail) < policy.text_window and j > k:
         j -= 1
-        tail = prompt.commentary_ids(fmt.encode, rounds[j].words) + tail
+        tail = fmt.commentary_ids(rounds[j].words) + tail
     # rounds k .. j-1 (if any) fall between the sink and the window
-    return prompt.truncate_previous(head + tail, spec.text_sink, spec.text_window)
+    return truncate_previous(head + tail, policy.text_sink, policy.text_window)
 
 
 # ---- one chunk ----------------------------------------------------------------------------------
 
-def chunk_tokens(fmt: ChatFormat, spec: ChunkSpec, previous: Sequence[int], rounds: Sequence[Round],
-                 n_vision: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, labels) of a chunk whose round k has n_vision[k] video pad tokens."""
-    ct, encode = fmt.tokens, fmt.encode
-    ids = (prompt.system_block(ct, encode, spec.system) + prompt.previous_header(ct, encode) + list(previous)
-           + prompt.previous_footer(ct))
-    labels = [IGNORE] * len(ids)
-    for r, n in zip(rounds, n_vision, strict=True):
-        before, after = prompt.user_turn(ct, encode, r.t_start, r.t_end, r.query)
-        prompt_ids = before + [ct.video_pad] * n + after
-        answer = prompt.assistant_turn(ct, prompt.commentary_ids(encode, r.words))
-        tail = prompt.round_tail(ct)
-        ids += prompt_ids + answer + tail
-        labels += [IGNORE] * len(prompt_ids) + answer + [IGNORE] * len(tail)
-    return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
-
-
-def build_chunk(fmt: ChatFormat, model_cfg: ModelConfig, spec: ChunkSpec, vision_cfg: VisionPreprocessConfig,
+def build_chunk(fmt: StreamFormat, model_cfg: ModelConfig, spec: ChunkSpec, vision_cfg: VisionPreprocessConfig,
                 rounds: Sequence[Round], previous: Sequence[int], frames_per_second: Sequence[np.ndarray]) -> Chunk:
     """A chunk from its rounds, previous-text ids and each second's uint8 frames [fps, H, W, 3]."""
     rows, grids = zip(*(preprocess_video(f, vision_cfg) for f in frames_per_second), strict=True)
     merge = model_cfg.vision.spatial_merge_size ** 2
-    ids, labels = chunk_tokens(fmt, spec, previous, rounds, [math.prod(g) // merge for g in grids])
-    second_per_grid = vision_cfg.temporal_patch_size / spec.fps
+    ids, labels = fmt.flat_chunk(previous, rounds, [math.prod(g) // merge for g in grids])
+    second_per_grid = spec.policy.second_per_grid(model_cfg.vision.temporal_patch_size)
     positions = positions_for(model_cfg, ids[None], video_grid_thw=np.asarray(grids),
                               second_per_grid_ts=[second_per_grid] * len(grids))[0]
     return Chunk(ids, labels, positions, np.concatenate(rows).astype(np.float32), np.asarray(grids, np.int32))
 
 
-def chunk_from_frames(fmt: ChatFormat, model_cfg: ModelConfig, spec: ChunkSpec, vision_cfg: VisionPreprocessConfig,
+def chunk_from_frames(fmt: StreamFormat, model_cfg: ModelConfig, spec: ChunkSpec, vision_cfg: VisionPreprocessConfig,
                       sample: Sample, start: int, frames_sfhwc: Sequence[np.ndarray]) -> Chunk:
     """The chunk of `sample` covering seconds [start, start + len(frames_sfhwc)), from in-memory frames
     (no files: `sample.video` may be None). This is what the file pipeline builds after decoding."""
-    rounds = sample_rounds(sample, spec)
+    rounds = sample_rounds(sample, fmt)
     end = start + len(frames_sfhwc)
     if not 0 <= start < end <= len(rounds):
         raise DataError(f"seconds [{start}, {end}) are not inside the sample's {len(rounds)} seconds")
     return build_chunk(fmt, model_cfg, spec, vision_cfg, rounds[start:end],
-                       previous_ids(fmt, sample, rounds, start, spec), frames_sfhwc)
+                       previous_ids(fmt, sample, rounds, start, spec.policy), frames_sfhwc)
 
 
 def read_frames(sample: Sample, start: int, end: int, fps: int) -> list[np.ndarray]:
@@ -368,7 +336,8 @@ class ChunkRef:
 class DataPlan:
     """Everything a Grain worker needs to turn a group of chunk indices into arrays (picklable)."""
 
-    fmt: ChatFormat
+    fmt: StreamFormat
+    pad_id: int
     model_cfg: ModelConfig
     spec: ChunkSpec
     vision_cfg: VisionPreprocessConfig
@@ -377,7 +346,7 @@ class DataPlan:
     buckets: tuple[Bucket, ...]
 
 
-def plan_chunks(fmt: ChatFormat, model_cfg: ModelConfig, spec: ChunkSpec, vision_cfg: VisionPreprocessConfig,
+def plan_chunks(fmt: StreamFormat, pad_id: int, model_cfg: ModelConfig, spec: ChunkSpec, vision_cfg: VisionPreprocessConfig,
                 samples: Sequence[Sample], buckets: Sequence[Bucket]) -> DataPlan:
     """Every chunk of every sample with its bucket (text is tokenized here, frames are not decoded:
     a video's patch count per second follows from its size). Chunks too big for every bucket are
@@ -388,12 +357,12 @@ def plan_chunks(fmt: ChatFormat, model_cfg: ModelConfig, spec: ChunkSpec, vision
     merge = model_cfg.vision.spatial_merge_size ** 2
     for i, sample in enumerate(samples):
         if sample.video not in per_second:
-            per_second[sample.video] = patches_per_second(sample.video, vision_cfg, spec.fps)
+            per_second[sample.video] = patches_per_second(sample.video, vision_cfg, spec.policy.fps)
         patches = per_second[sample.video]
-        rounds = sample_rounds(sample, spec)
+        rounds = sample_rounds(sample, fmt)
         for start, end in chunk_bounds(len(rounds), spec):
-            ids, _ = chunk_tokens(fmt, spec, previous_ids(fmt, sample, rounds, start, spec), rounds[start:end],
-                                  [patches // merge] * (end - start))
+            ids, _ = fmt.flat_chunk(previous_ids(fmt, sample, rounds, start, spec.policy), rounds[start:end],
+                                    [patches // merge] * (end - start))
             bucket = pick_bucket(buckets, len(ids), patches * (end - start))
             if bucket is None:
                 dropped += 1
@@ -403,7 +372,7 @@ def plan_chunks(fmt: ChatFormat, model_cfg: ModelConfig, spec: ChunkSpec, vision
         logger.warning("%d of %d chunks fit no bucket %s and are left out", dropped, dropped + len(refs), buckets)
     if not refs:
         raise DataError(f"no chunk fits the buckets {buckets}")
-    return DataPlan(fmt, model_cfg, spec, vision_cfg, tuple(samples), tuple(refs), buckets)
+    return DataPlan(fmt, pad_id, model_cfg, spec, vision_cfg, tuple(samples), tuple(refs), buckets)
 
 
 def group_order(plan: DataPlan, group_size: int, seed: int, n_groups: int) -> list[tuple[int, ...]]:
@@ -446,12 +415,12 @@ class LoadGroup:
         for a in range(self.grad_accum):
             first = a * per_micro + self.process_index * local
             chunks = [self._chunk(plan.refs[i]) for i in group[first:first + local]]
-            micro.append(pad_chunks(chunks, bucket, plan.fmt.pad_id, plan.spec.chunk_seconds))
+            micro.append(pad_chunks(chunks, bucket, plan.pad_id, plan.spec.chunk_seconds))
         return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
     def _chunk(self, ref: ChunkRef) -> Chunk:
         p, sample = self.plan, self.plan.samples[ref.sample]
-        frames = read_frames(sample, ref.start, ref.end, p.spec.fps)
+        frames = read_frames(sample, ref.start, ref.end, p.spec.policy.fps)
         return chunk_from_frames(p.fmt, p.model_cfg, p.spec, p.vision_cfg, sample, ref.start, frames)
 
 

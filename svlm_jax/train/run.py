@@ -32,6 +32,7 @@ import svlm_jax
 from svlm_jax.config import ModelConfig, preset
 from svlm_jax.media.preprocess import VisionPreprocessConfig
 from svlm_jax.model.params import Model
+from svlm_jax.stream_format import check_special_tokens
 from svlm_jax.tokenizer import Tokenizer
 from svlm_jax.train import data, sharding, step
 from svlm_jax.train.checkpoint import Checkpointer, abstract_params, restore_params
@@ -108,8 +109,11 @@ def main_train(config_path: str | Path, *, max_steps: int | None = None) -> int:
             json.dumps({**model.config.to_dict(), "dtype": cfg.model.param_dtype}, indent=2))
 
     d, t = cfg.data, cfg.train
-    chunk_spec = data.ChunkSpec(**{f.name: getattr(d, f.name) for f in dataclasses.fields(data.ChunkSpec)})
-    plan = data.plan_chunks(data.ChatFormat.from_tokenizer(tok, cfg.model.tokenizer), model.config, chunk_spec,
+    cfg.policy.check_model(model.config)
+    check_special_tokens(tok.special, model.config)
+    chunk_spec = data.ChunkSpec(d.chunk_seconds, d.overlap_seconds, cfg.policy)
+    fmt = data.training_format(tok, cfg.model.tokenizer, system=d.system, query=d.query)
+    plan = data.plan_chunks(fmt, data.pad_id(tok), model.config, chunk_spec,
                             vision_preprocess(cfg, tok), data.read_samples(d.train),
                             [data.Bucket(n, p) for n, p in d.buckets])
     dataset = data.make_dataset(plan, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=d.seed, steps=t.steps,

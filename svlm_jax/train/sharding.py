@@ -4,11 +4,11 @@ Mesh axes: "data" (pure data parallelism), "fsdp" (data parallelism whose parame
 optimizer state are also sharded, ZeRO-3 style) and "tensor" (heads / MLP width / vocab split).
 Batches are split over ("data", "fsdp") on their example axis.
 
-Parameters (and everything shaped like them in the optimizer state) are sharded by the axis
-letters that end their field names (`q_w_ldnh` -> l d n h, see `model/params.py`): `AXIS_RULES`
-maps a letter to a mesh axis. An axis whose size the mesh axis does not divide stays replicated
-(e.g. 2 KV heads on 4 tensor shards), as does a mesh axis already used by an earlier letter of the
-same leaf. The vision tower is replicated: it is frozen by default and small next to the LM.
+Parameters (and the optimizer's moments, which have their structure) are sharded by the logical
+axes `params.PARAM_RULES` gives their paths: `ShardingRules` maps a logical axis to a mesh axis. An
+axis whose size the mesh axis does not divide stays replicated (e.g. 2 KV heads on 4 tensor shards),
+as does a mesh axis already used by an earlier axis of the same leaf. A leaf none of whose axes the
+rules map is replicated whole: the vision tower's, frozen by default and small next to the LM.
 
 Multi-host: launch one process per host and call `jax.distributed.initialize()` before anything
 touches jax devices (`run.main_train` does when JAX_COORDINATOR_ADDRESS or a cluster environment
@@ -19,13 +19,41 @@ arrays from the process-local pieces.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from svlm_jax.model import params
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-AXIS_RULES = {"d": "fsdp", "n": "tensor", "k": "tensor", "f": "tensor", "v": "tensor"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """The mesh axis of each logical parameter axis (the names `params.PARAM_RULES` uses); None: replicated."""
+
+    layers: str | None = None
+    embed: str | None = "fsdp"  # ZeRO-3: every LM matrix is split over the data-parallel shards
+    vocab: str | None = "tensor"
+    q_heads: str | None = "tensor"
+    kv_heads: str | None = "tensor"
+    head_dim: str | None = None
+    mlp: str | None = "tensor"
+    vision_layers: str | None = None
+    vision_patch: str | None = None
+    vision_embed: str | None = None
+    vision_qkv: str | None = None
+    vision_heads: str | None = None
+    vision_head_dim: str | None = None
+    vision_mlp: str | None = None
+    vision_merger: str | None = None
+    vision_out: str | None = None
+
+
+RULES = ShardingRules()
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -41,17 +69,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
 
 
-def leaf_spec(path, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec of one parameter-like leaf from its key path (see the module docstring)."""
-    names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
-    if not names or "vision" in names:
-        return PartitionSpec()
-    letters = names[-1].rsplit("_", 1)[-1]
-    if len(letters) != len(shape):
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules: ShardingRules = RULES) -> PartitionSpec:
+    """PartitionSpec of a parameter-shaped leaf from its parameter path (see the module docstring)."""
+    axes = params.param_rule(path).axes
+    if len(axes) != len(shape):
+        raise ValueError(f"parameter {path!r} has shape {shape}, PARAM_RULES gives it the axes {axes}")
+    mesh_axes = [getattr(rules, axis) for axis in axes]
+    if not any(mesh_axes):  # a leaf the rules never split (the vision tower's) is replicated whole
         return PartitionSpec()
     spec, used = [], set()
-    for letter, size in zip(letters, shape):
-        axis = AXIS_RULES.get(letter)
+    for axis, size in zip(mesh_axes, shape):
         if axis is None or axis in used or size % mesh.shape[axis]:
             spec.append(None)
         else:
@@ -60,10 +87,17 @@ def leaf_spec(path, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def tree_shardings(tree, mesh: Mesh):
-    """NamedShardings for a pytree of arrays (or ShapeDtypeStructs): params, optimizer state, train state."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, leaf_spec(path, tuple(x.shape), mesh)), tree)
+def tree_shardings(tree, mesh: Mesh, rules: ShardingRules = RULES):
+    """NamedShardings for a pytree of arrays (or ShapeDtypeStructs): params, optimizer state, train
+    state. Leaves of the parameter trees in it follow `param_spec`; the others (the step, the
+    optimizer's counts) are scalars, replicated."""
+    def shardings(node):
+        if params.is_param_tree(node):
+            return params.map_param_tree(
+                lambda path, x: NamedSharding(mesh, param_spec(path, tuple(x.shape), mesh, rules)), node)
+        return replicated(mesh)
+
+    return jax.tree.map(shardings, tree, is_leaf=params.is_param_tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -2,12 +2,13 @@
 
 Loss: cross-entropy of the next token on labelled (assistant) tokens, in float32, averaged over
 every labelled token of the step (all accumulation micro-batches together, so accumulation equals
-one big batch). Master weights stay in `param_dtype` (float32 by default); the forward casts them
-to `compute_dtype` (bfloat16 by default). With `freeze_vision` (the default) only the LM is
-differentiated and optimized: the vision tower gets neither gradients nor optimizer state.
-Optimizer: global-norm clipping, then AdamW (weight decay on matrices and embeddings, not on
-norms or biases) with linear warmup and cosine decay to 0; the vision tower, when trained, may
-have its own peak learning rate (`vision_lr`).
+one big batch); the same step trains on rows of text without vision (`text_batch`). Master
+weights stay in `param_dtype` (float32 by default); the forward casts them to `compute_dtype`
+(bfloat16 by default). With `freeze_vision` (the default) only the LM is differentiated and
+optimized: the vision tower gets neither gradients nor optimizer state. Optimizer: global-norm
+clipping, then AdamW (weight decay where `params.PARAM_RULES` says: on matrices and embeddings,
+not on norms or biases) with linear warmup and cosine decay to 0; the vision tower, when trained,
+may have its own peak learning rate (`vision_lr`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jax.sharding import Mesh
 
 from svlm_jax.config import ModelConfig
 from svlm_jax.model import text, vision, vlm
-from svlm_jax.model.params import Model, Params
+from svlm_jax.model.params import Model, Params, map_param_tree, param_rule
 from svlm_jax.train import sharding
 from svlm_jax.train.data import IGNORE, vision_layouts
 
@@ -62,14 +63,15 @@ class TrainState:
 
 @struct.dataclass
 class Batch:
-    """One step's data, leaves [A accumulation micro-batches, B examples, ...] (see data.pad_chunks)."""
+    """One step's data, leaves [A accumulation micro-batches, B examples, ...] (see data.pad_chunks);
+    rows_abpv and layout are None in a batch of text rows (`text_batch`)."""
 
     ids_abt: jax.Array
     targets_abt: jax.Array
     positions_abt3: jax.Array
     segment_abt: jax.Array
-    rows_abpv: jax.Array
-    layout: vision.VisionLayout
+    rows_abpv: jax.Array | None
+    layout: vision.VisionLayout | None
 
 
 def host_batch(cfg: ModelConfig, arrays: dict[str, np.ndarray]) -> Batch:
@@ -79,15 +81,25 @@ def host_batch(cfg: ModelConfig, arrays: dict[str, np.ndarray]) -> Batch:
                  layout=vision_layouts(cfg.vision, arrays["grids_bg3"]))
 
 
+def text_batch(rows_bt: np.ndarray, real_bt: np.ndarray, counted_bt: np.ndarray) -> Batch:
+    """Rows of text without vision as a Batch of one micro-batch. Token rows [B, T+1] (real_bt [B, T+1]
+    False on right padding) give the inputs rows[:, :-1] and, where counted_bt [B, T], the next tokens
+    as targets (IGNORE elsewhere); positions 0.. on all three M-RoPE axes, as Qwen2-VL gives text."""
+    b, t = rows_bt.shape[0], rows_bt.shape[1] - 1
+    targets_bt = np.where(counted_bt, rows_bt[:, 1:], IGNORE).astype(np.int32)
+    positions_bt3 = np.broadcast_to(np.arange(t, dtype=np.int32)[None, :, None], (b, t, 3))
+    return Batch(ids_abt=rows_bt[None, :, :-1], targets_abt=targets_bt[None], positions_abt3=positions_bt3[None],
+                 segment_abt=real_bt[None, :, :-1].astype(np.int32), rows_abpv=None, layout=None)
+
+
 def schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.total_steps, cfg.warmup_steps + 1),
                                               end_value=0.0)
 
 
 def _decayed(tree):
-    """Weight decay on matrices and embeddings; not on norm weights or biases."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(s in path[-1].name for s in ("norm", "_b_")), tree)
+    """Weight decay where PARAM_RULES says: on matrices and embeddings, not on norm weights or biases."""
+    return map_param_tree(lambda path, _: param_rule(path).decayed, tree)
 
 
 def _vision_leaves(tree):
@@ -124,9 +136,12 @@ def loss_sums(spec: StepSpec, params: Params, ids_bt, targets_bt, positions_bt3,
     cfg = spec.model
     p = jax.tree.map(lambda x: x.astype(spec.compute_dtype), params)
     model = Model(cfg, p)
-    # Each example has its own vision layout (its grids plus a padding grid), so embed per example.
-    x_btd = jax.vmap(lambda ids_t, rows_pv, layout: vlm.embed(model, ids_t[None], rows_pv, layout)[0])(
-        ids_bt, rows_bpv, layout_b)
+    if rows_bpv is None:  # text rows
+        x_btd = vlm.embed(model, ids_bt)
+    else:
+        # Each example has its own vision layout (its grids plus a padding grid), so embed per example.
+        x_btd = jax.vmap(lambda ids_t, rows_pv, layout: vlm.embed(model, ids_t[None], rows_pv, layout)[0])(
+            ids_bt, rows_bpv, layout_b)
     order_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
     hidden = text.decode_hidden(cfg.text, p.text, x_btd, positions_bt3, segment_bt, order_bt, remat=spec.remat)
     logits_btv = text.logits(p.text, hidden).astype(jnp.float32)

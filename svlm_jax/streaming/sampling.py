@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from svlm_jax.tokenizer import GenerationDefaults
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -22,6 +24,14 @@ class SamplingConfig:
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(f"invalid sampling settings {self}")
+
+    @classmethod
+    def from_generation(cls, generation: GenerationDefaults) -> "SamplingConfig":
+        """The checkpoint's generation_config.json defaults (greedy unless do_sample, as transformers)."""
+        if not generation.do_sample:
+            return cls(temperature=0.0, repetition_penalty=generation.repetition_penalty)
+        return cls(temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p,
+                   repetition_penalty=generation.repetition_penalty)
 
 
 def apply_repetition_penalty(logits_bv, seen_bv, penalty: float):

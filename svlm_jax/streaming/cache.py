@@ -5,16 +5,14 @@ Slots of one stream, in storage order (sizes static, `CacheLayout`):
   sink    the first `text_sink` tokens of text ever put into the previous-text block
   window  ring of the last `text_window` tokens of evicted commentary
   footer  "<|im_end|>\\n" closing the previous-text block
-  rounds  ring of `rounds` round slots, each laid out as
-          [before: "<|im_start|>user\\nTime=..s<|vision_start|>"][vision pads][after: "<|vision_end|>
-          {query}<|im_end|>\\n<|im_start|>assistant\\n"][generated][close: " ...<|im_end|>" if
-          generation was cut][tail: "\\n"]
+  rounds  ring of `rounds` round slots, each holding a round's parts in `stream_format.ROUND_PARTS`
+          order, every part at a fixed offset with room for its longest form
 Unused slots are invalid. Keys are stored before rotary embedding, so re-indexing positions costs
 nothing: at every round, positions are recomputed from the logical order (head, sink, window
-oldest-first, footer, rounds oldest-first; slot order inside each), text +1 per token, a vision
-block by the M-RoPE rule of `model.rope`. At the start of round i, the round i - rounds leaves:
-its commentary (generated tokens without " ..." and <|im_end|>) moves into the sink while it has
-room, then into the window ring; round i - vision_rounds loses its vision tokens.
+oldest-first, footer, rounds oldest-first; slot order inside each) by the M-RoPE rule of
+`model.rope` (text +1 per token, a vision block from its start). At the start of round i, the round
+i - rounds leaves: its commentary (the answer without " ..." and <|im_end|>) moves into the sink
+while it has room, then into the window ring; round i - vision_rounds loses its vision tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from svlm_jax.config import ModelConfig
+from svlm_jax.model import rope
+from svlm_jax.model.vlm import video_time_interval
+from svlm_jax.stream_format import CachePolicy, RoundSlots, StreamFormat
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
@@ -35,20 +38,32 @@ class CacheLayout:
     footer_len: int
     rounds: int          # round slots kept (text rounds)
     vision_rounds: int   # rounds whose vision is kept, current included (1..rounds)
-    before_cap: int
-    n_vision: int
-    after_cap: int
-    max_new: int
-    close_len: int       # " ..." + <|im_end|> forced when generation hits max_new
-    tail_len: int        # "\n"
+    slots: RoundSlots    # one round's parts
     vision_offsets: tuple[tuple[int, int, int], ...]  # (t, row, col) offset of each vision token
     vision_span: int     # how far text resumes after a round's vision block
 
     def __post_init__(self):
         if not 1 <= self.vision_rounds <= self.rounds:
             raise ValueError(f"vision rounds ({self.vision_rounds}) must be between 1 and text rounds ({self.rounds})")
-        if len(self.vision_offsets) != self.n_vision:
+        if len(self.vision_offsets) != self.slots.cap("vision"):
             raise ValueError("one vision offset per vision token")
+
+    @classmethod
+    def for_stream(cls, fmt: StreamFormat, policy: CachePolicy, model_config: ModelConfig,
+                   grid_thw: tuple[int, int, int], *, rounds: int | None = None,
+                   vision_rounds: int | None = None) -> "CacheLayout":
+        """The cache of a stream under `policy` whose seconds have the vision grid `grid_thw`;
+        `rounds` / `vision_rounds` override the policy's (the baselines keep whole windows)."""
+        merge = model_config.vision.spatial_merge_size
+        dt = video_time_interval(model_config, policy.second_per_grid(model_config.vision.temporal_patch_size))
+        offsets = rope.vision_block_offsets(grid_thw, merge, dt)
+        return cls(
+            head_len=len(fmt.head_ids()), text_sink=policy.text_sink, text_window=policy.text_window,
+            footer_len=len(fmt.footer_ids()), rounds=rounds or policy.text_rounds,
+            vision_rounds=vision_rounds or policy.vision_rounds,
+            slots=fmt.round_slots(len(offsets), policy.max_new_tokens),
+            vision_offsets=tuple(tuple(int(v) for v in o) for o in offsets),
+            vision_span=rope.vision_span(grid_thw, merge, dt, model_config.resume_rule))
 
     # storage offsets of the regions
     @property
@@ -67,38 +82,13 @@ class CacheLayout:
     def rounds_start(self) -> int:
         return self.footer_start + self.footer_len
 
-    # offsets inside a round slot
-    @property
-    def vision_off(self) -> int:
-        return self.before_cap
-
-    @property
-    def after_off(self) -> int:
-        return self.before_cap + self.n_vision
-
-    @property
-    def gen_off(self) -> int:
-        return self.after_off + self.after_cap
-
-    @property
-    def close_off(self) -> int:
-        return self.gen_off + self.max_new
-
-    @property
-    def tail_off(self) -> int:
-        return self.close_off + self.close_len
-
-    @property
-    def round_cap(self) -> int:
-        return self.tail_off + self.tail_len
-
     @property
     def size(self) -> int:
-        return self.rounds_start + self.rounds * self.round_cap
+        return self.rounds_start + self.rounds * self.slots.size
 
     def round_slot(self, ring_index):
         """Storage index of the first slot of ring slot `ring_index`."""
-        return self.rounds_start + ring_index * self.round_cap
+        return self.rounds_start + ring_index * self.slots.size
 
 
 @struct.dataclass
@@ -147,7 +137,7 @@ def logical_order(layout: CacheLayout, win_start, rounds_started):
         parts.append(layout.window_start + (win_start + jnp.arange(layout.text_window)) % layout.text_window)
     parts.append(jnp.arange(layout.footer_start, layout.rounds_start))
     ring = (rounds_started + jnp.arange(layout.rounds)) % layout.rounds  # oldest first, current last
-    parts.append((layout.round_slot(ring)[:, None] + jnp.arange(layout.round_cap)).reshape(-1))
+    parts.append((layout.round_slot(ring)[:, None] + jnp.arange(layout.slots.size)).reshape(-1))
     return jnp.concatenate(parts)
 
 
@@ -156,10 +146,10 @@ def _round_masks(layout: CacheLayout):
     kind = np.zeros(layout.size, np.int32)
     offsets = np.zeros((layout.size, 3), np.int32)
     for j in range(layout.rounds):
-        start = layout.round_slot(j) + layout.vision_off
-        kind[start:start + layout.n_vision] = 1
-        kind[start + layout.n_vision - 1] = 2
-        offsets[start:start + layout.n_vision] = np.asarray(layout.vision_offsets, np.int32)
+        start = layout.round_slot(j) + layout.slots.offset("vision")
+        kind[start:start + layout.slots.cap("vision")] = 1
+        kind[start + layout.slots.cap("vision") - 1] = 2
+        offsets[start:start + layout.slots.cap("vision")] = np.asarray(layout.vision_offsets, np.int32)
     return kind, offsets
 
 
@@ -170,9 +160,8 @@ def contiguous_positions(layout: CacheLayout, valid_s, win_start, rounds_started
     valid = valid_s[order]
     kind = jnp.asarray(kind_s)[order]
     step = jnp.where(kind == 0, 1, jnp.where(kind == 2, layout.vision_span, 0))
-    step = jnp.where(valid, step, 0)
-    start = jnp.cumsum(step) - step  # exclusive: a vision block's tokens all see its start
-    pos_l3 = start[:, None] + jnp.where((kind > 0)[:, None], jnp.asarray(offsets_s3)[order], 0)
+    pos_l3 = rope.accumulate_positions(jnp.where(valid, step, 0),
+                                       jnp.where((kind > 0)[:, None], jnp.asarray(offsets_s3)[order], 0), xp=jnp)
     return jnp.zeros((layout.size, 3), jnp.int32).at[order].set(pos_l3.astype(jnp.int32))
 
 
@@ -192,7 +181,7 @@ def _copy_slots(state_row: dict, src, dst):
 def move_to_previous_text(layout: CacheLayout, row: dict, src_start, count):
     """Append `count` tokens starting at storage slot `src_start` to the previous-text block: the sink
     while it has room, then the window ring (its oldest tokens overwritten)."""
-    m = jnp.arange(layout.max_new)
+    m = jnp.arange(layout.slots.cap("answer"))
     n_sink, win_start, n_win = row["n_sink_b"], row["win_start_b"], row["n_win_b"]
     room = layout.text_sink - n_sink
     to_sink = m < jnp.minimum(room, count)
@@ -220,14 +209,14 @@ def begin_round(layout: CacheLayout, row: dict) -> dict:
     leaving = i >= layout.rounds
     start = layout.round_slot(ring)
     count = jnp.where(leaving, row["content_br"][ring], 0)
-    row = move_to_previous_text(layout, row, start + layout.gen_off, count)
+    row = move_to_previous_text(layout, row, start + layout.slots.offset("answer"), count)
     in_slot = jnp.arange(layout.size) - start
-    row["valid_s"] = row["valid_s"] & ~((in_slot >= 0) & (in_slot < layout.round_cap))
+    row["valid_s"] = row["valid_s"] & ~((in_slot >= 0) & (in_slot < layout.slots.size))
     if layout.vision_rounds < layout.rounds:
         old = (i - layout.vision_rounds) % layout.rounds
-        v_start = layout.round_slot(old) + layout.vision_off
+        v_start = layout.round_slot(old) + layout.slots.offset("vision")
         in_vis = jnp.arange(layout.size) - v_start
-        row["valid_s"] = row["valid_s"] & ~((in_vis >= 0) & (in_vis < layout.n_vision))
+        row["valid_s"] = row["valid_s"] & ~((in_vis >= 0) & (in_vis < layout.slots.cap("vision")))
     row["n_gen_br"] = row["n_gen_br"].at[ring].set(0)
     row["content_br"] = row["content_br"].at[ring].set(0)
     row["rounds_b"] = i + 1
