@@ -1,4 +1,5 @@
-"""The `svlm` command line: `svlm stream` commentates a video, `svlm info` describes a checkpoint.
+"""The `svlm` command line: `svlm stream` commentates a video, `svlm serve` serves many live streams,
+`svlm info` describes a checkpoint.
 
 Each subcommand is one `Command` (name, help texts, add_arguments, run) in `COMMANDS`; adding a subcommand is
 adding one entry. Problems with the user's input (a missing or corrupt checkpoint, an unreadable video, invalid
@@ -19,10 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 from svlm_jax.config import ConfigError, ModelConfig
+from svlm_jax.media.live import LiveIntake, paced
 from svlm_jax.media.preprocess import VisionPreprocessConfig, smart_resize
 from svlm_jax.media.subtitles import JsonlWriter, VttWriter
 from svlm_jax.media.video import VideoError, VideoReader
 from svlm_jax.model.params import param_leaves
+from svlm_jax.serve.scheduler import ServeConfig
 from svlm_jax.stream_format import CachePolicy, StreamFormat
 from svlm_jax.streaming import baselines
 from svlm_jax.streaming.baselines import BaselineSession, CacheFullError
@@ -84,6 +87,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """'rtsp_transport=tcp' -> ('rtsp_transport', 'tcp')."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def frame_size(text: str) -> tuple[int, int]:
     """'1280x720' -> (1280, 720)."""
     try:
@@ -96,7 +107,8 @@ def frame_size(text: str) -> tuple[int, int]:
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser):
-    """The cache-size options shared by stream and info; returns their group, for options only stream has."""
+    """The cache-size options shared by stream, serve and info; returns their group, for the options
+    only some of them have."""
     group = parser.add_argument_group("cache size (what the model keeps in memory while streaming)")
     group.add_argument("--vision-window", type=non_negative_int, default=DEFAULT_POLICY.vision_window_s,
                        metavar="S", help="seconds of video whose frames stay in the cache (default: %(default)s)")
@@ -108,11 +120,15 @@ def add_cache_arguments(parser: argparse.ArgumentParser):
                        help="latest tokens of older commentary kept (default: %(default)s)")
     group.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_POLICY.max_new_tokens, metavar="N",
                        help="longest commentary per second, in tokens (default: %(default)s)")
+    return group
+
+
+def add_scheme_arguments(group) -> None:
+    """The paper's baselines (stream and info; the server runs the streaming cache only)."""
     group.add_argument("--scheme", choices=SCHEMES, default="streaming",
                        help="attention scheme; the others are the paper's baselines (default: %(default)s)")
     group.add_argument("--full-max-s", type=positive_int, default=DEFAULT_FULL_MAX_S, metavar="S",
                        help="--scheme full: seconds of video its cache holds before it stops (default: %(default)s)")
-    return group
 
 
 def add_pixel_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,6 +225,13 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", required=True, metavar="PATH_OR_URL", help='video file, URL, or "-" for stdin')
     parser.add_argument("--format", metavar="FMT",
                         help="container format of the input when it cannot be detected, e.g. mpegts for a pipe")
+    parser.add_argument("--demuxer-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="an option for the demuxer (FFmpeg's), e.g. rtsp_transport=tcp; repeatable")
+    parser.add_argument("--live", action="store_true",
+                        help="a live source: read beside the model (a file at its real speed); when the model "
+                             "falls behind by --max-queue-s seconds the oldest are dropped")
+    parser.add_argument("--max-queue-s", type=positive_int, default=ServeConfig.max_queue_s, metavar="S",
+                        help="--live: seconds waiting for the model before the oldest is dropped (default: %(default)s)")
     parser.add_argument("--start", type=non_negative_float, default=0.0, metavar="S",
                         help="skip the first S seconds of the video (default: %(default)s)")
     parser.add_argument("--duration", type=non_negative_float, metavar="D",
@@ -225,6 +248,12 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vtt", metavar="OUT.vtt", help="also write the commentary as WebVTT subtitles")
     parser.add_argument("--jsonl", metavar="OUT.jsonl",
                         help='also write one JSON line per second: {"start": s, "end": s, "text": ...}')
+    add_scheme_arguments(add_model_arguments(parser))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser):
+    """Number type, cache, positions, sampling and frame size: what stream and serve share; returns
+    the cache group."""
     add_dtype_argument(parser)
     cache = add_cache_arguments(parser)
     cache.add_argument(
@@ -242,6 +271,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--greedy", action="store_true", help="always take the likeliest token (temperature 0)")
     sampling.add_argument("--seed", type=int, default=DEFAULT_STREAM.seed, help="random seed (default: %(default)s)")
     add_pixel_arguments(parser)
+    return cache
 
 
 class Progress:
@@ -253,7 +283,7 @@ class Progress:
         self.total_s, self.enabled = total_s, enabled
         self.shown = False
 
-    def update(self, done_s: int, real_time_factor: float | None) -> None:
+    def update(self, done_s: int, real_time_factor: float | None, intake: LiveIntake | None = None) -> None:
         if not self.enabled:
             return
         if self.total_s:
@@ -264,6 +294,8 @@ class Progress:
             line = f"{done_s} s"
         if real_time_factor is not None:
             line += f"  real-time factor {real_time_factor:.2f}"
+        if intake is not None:
+            line += f"  lag {intake.lag_s} s, dropped {intake.dropped_s} s"
         sys.stderr.write(f"\r\x1b[K{line}")
         sys.stderr.flush()
         self.shown = True
@@ -297,7 +329,8 @@ class StreamTimes:
 def run_stream(args: argparse.Namespace) -> int:
     policy = cache_policy(args)
     # Opened before the (slow) model load, so a wrong path or an unreadable video fails at once.
-    with VideoReader(args.video, fps=policy.fps, start=args.start, format=args.format) as reader:
+    with VideoReader(args.video, fps=policy.fps, start=args.start, format=args.format,
+                     options=dict(args.demuxer_option)) as reader:
         require_checkpoint_dir(args.model)
         tokenizer = load_tokenizer(args.model)
         preprocess = stream_preprocess(tokenizer, args.min_pixels, args.max_pixels)
@@ -317,7 +350,11 @@ def run_stream(args: argparse.Namespace) -> int:
                 writers.append(outputs.enter_context(VttWriter(args.vtt)))
             if args.jsonl:
                 writers.append(outputs.enter_context(JsonlWriter(args.jsonl)))
-            commentate(reader, session, writers, args.duration)
+            if not args.live:
+                commentate(reader, session, writers, args.duration)
+                return 0
+            with LiveIntake(paced(reader), args.max_queue_s) as intake:
+                commentate(reader, session, writers, args.duration, intake)
     return 0
 
 
@@ -364,9 +401,10 @@ class LivePrinter:
             self.open = False
 
 
-def commentate(reader: VideoReader, session, writers, duration_s: float | None) -> None:
-    """The stream loop: one second in, its commentary out (stdout and writers). The summary is printed however
-    the loop ends: end of input, a video error, or Ctrl-C."""
+def commentate(reader: VideoReader, session, writers, duration_s: float | None,
+               intake: LiveIntake | None = None) -> None:
+    """The stream loop: one second in (from `intake` for a live source), its commentary out (stdout and
+    writers). The summary is printed however the loop ends: end of input, a video error, or Ctrl-C."""
     limit = None if duration_s is None else math.floor(duration_s)
     declared = reader.declared_duration
     total_s = None if declared is None else max(0, math.floor(declared - float(reader.start)))
@@ -375,7 +413,7 @@ def commentate(reader: VideoReader, session, writers, duration_s: float | None) 
     progress = Progress(total_s, enabled=sys.stderr.isatty())
     printer = LivePrinter(progress)
     times = StreamTimes()
-    seconds = itertools.islice(iter(reader), limit)
+    seconds = itertools.islice(iter(intake if intake is not None else reader), limit)
     progress.update(0, None)  # shows the bar during the first second, which compiles
     try:
         while True:
@@ -383,17 +421,21 @@ def commentate(reader: VideoReader, session, writers, duration_s: float | None) 
             second = next(seconds, None)
             if second is None:
                 break
+            if intake is not None:  # waiting for a live source is not processing time
+                began = time.perf_counter()
             printer.begin(second.t_start, second.t_end)
             text = session.step(second.frames_thwc, second.t_start, second.t_end, on_text=printer.piece)
             printer.end()
             for writer in writers:
                 writer.write(second.t_start, second.t_end, text)
             times.seconds.append(time.perf_counter() - began)
-            progress.update(len(times.seconds), times.real_time_factor())
+            progress.update(len(times.seconds), times.real_time_factor(), intake)
     finally:
         printer.end()
         progress.clear()
         print(times.summary(), file=sys.stderr)
+        if intake is not None and intake.dropped_s:
+            print(f"svlm: {intake.dropped_s} s of live video dropped while the model was behind", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- svlm info
@@ -416,7 +458,7 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", type=positive_int, default=1, metavar="N",
                         help="streams served at once, one cache each (default: %(default)s)")
     add_dtype_argument(parser)
-    add_cache_arguments(parser)
+    add_scheme_arguments(add_cache_arguments(parser))
     add_pixel_arguments(parser)
 
 
@@ -557,11 +599,87 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- svlm serve
+
+SERVE_DESCRIPTION = """\
+Serve live commentary to many clients at once: one engine batch of --max-streams rows, compiled
+at start-up; each WebSocket client takes a row while it is connected. A browser viewer is at
+http://HOST:PORT/ (a video file or the webcam), GET /health describes the server, and the
+protocol of the WebSocket /v1/stream is in docs/serve.md. Frames are resized to --frame-size.
+Ctrl-C stops the server.
+
+example:
+  svlm serve --model ./StreamingVLM --max-streams 8 --frame-size 640x360"""
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="checkpoint directory (config.json, safetensors weights, tokenizer.json)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--max-streams", type=positive_int, default=ServeConfig.max_streams, metavar="B",
+                        help="streams served at once: the engine's batch (default: %(default)s)")
+    parser.add_argument("--frame-size", type=frame_size, default=ServeConfig.frame_size, metavar="WxH",
+                        help="every frame is resized to this size (default: %dx%d)" % ServeConfig.frame_size)
+    parser.add_argument("--max-queue-s", type=positive_int, default=ServeConfig.max_queue_s, metavar="S",
+                        help="whole seconds a live stream may queue before its oldest is dropped "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-message-bytes", type=positive_int, default=ServeConfig.max_message_bytes,
+                        metavar="N", help="largest client message (default: %(default)s)")
+    parser.add_argument("--query", default=DEFAULT_STREAM.query,
+                        help="instruction given with a stream's first second unless its start message sets "
+                             "one or gives previous text (default: %(default)r)")
+    cache = add_model_arguments(parser)
+    cache.add_argument("--max-question-tokens", type=non_negative_int, default=64, metavar="N",
+                       help="longest question a client may ask (default: %(default)s)")
+    cache.add_argument("--max-answer-tokens", type=non_negative_int, default=64, metavar="N",
+                       help="longest answer to a question, in tokens (default: %(default)s)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # the server's stack is loaded only to serve
+
+    from svlm_jax.serve.app import create_app
+    from svlm_jax.serve.scheduler import Server
+
+    try:
+        serve_config = ServeConfig(max_streams=args.max_streams, frame_size=args.frame_size,
+                                   max_queue_s=args.max_queue_s, max_message_bytes=args.max_message_bytes)
+        policy = dataclasses.replace(cache_policy(args), max_question_tokens=args.max_question_tokens,
+                                     max_answer_tokens=args.max_answer_tokens)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    require_checkpoint_dir(args.model)
+    tokenizer = load_tokenizer(args.model)
+    preprocess = stream_preprocess(tokenizer, args.min_pixels, args.max_pixels)
+    config = StreamConfig(policy=policy, sampling=sampling_config(args, tokenizer), pos_mode=args.pos_mode,
+                          query=args.query, seed=args.seed)
+    model = load_pretrained(args.model, dtype=args.dtype)
+    try:
+        session = StreamingSession(model, tokenizer, config, batch=args.max_streams, preprocess=preprocess)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    server = Server(session, serve_config, model_name=Path(args.model).resolve().name)
+    print(f"svlm: compiling for {args.max_streams} streams of {args.frame_size[0]}x{args.frame_size[1]} frames",
+          file=sys.stderr, flush=True)
+    server.start()
+    try:
+        # uvicorn closes a connection whose message is over ws_max_size; above our own limit, so
+        # that a message a little too large gets an error message instead.
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
+                    ws_max_size=4 * serve_config.max_message_bytes)
+    finally:
+        server.close()
+    return 0
+
+
 # ---------------------------------------------------------------- the parser
 
 COMMANDS = (
     Command("stream", "commentate a video, one round per second", STREAM_DESCRIPTION, add_stream_arguments,
             run_stream),
+    Command("serve", "serve live commentary to many clients over WebSockets", SERVE_DESCRIPTION,
+            add_serve_arguments, run_serve),
     Command("info", "describe a checkpoint: architecture, parameters, memory", INFO_DESCRIPTION,
             add_info_arguments, run_info),
     Command("train", "fine-tune with overlapped-chunk SFT", TRAIN_DESCRIPTION, add_train_arguments, run_train),

@@ -56,7 +56,9 @@ class CachePolicy:
     text_rounds: recent seconds kept whole (prompt, vision while it lasts, commentary);
     vision_window_s: seconds whose vision tokens are kept, the current one included;
     fps: frames per second given to the model (sets the M-RoPE time step);
-    max_new_tokens: the longest answer of one second, " ..." and <|im_end|> included.
+    max_new_tokens: the longest answer of one second, " ..." and <|im_end|> included;
+    max_question_tokens: the longest question a second's user turn can take (0: no questions);
+    max_answer_tokens: the longest answer of a second that carries a question (at least max_new_tokens).
     """
 
     text_sink: int = 512
@@ -65,6 +67,8 @@ class CachePolicy:
     vision_window_s: int = 16
     fps: int = 2
     max_new_tokens: int = 20
+    max_question_tokens: int = 0
+    max_answer_tokens: int = 0
 
     def __post_init__(self):
         if self.text_rounds < 1 or self.vision_window_s < 0 or self.text_sink < 0 or self.text_window < 0:
@@ -73,6 +77,13 @@ class CachePolicy:
             raise ValueError(f"fps must be a whole number >= 1, got {self.fps!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if self.max_question_tokens < 0 or self.max_answer_tokens < 0:
+            raise ValueError("max_question_tokens and max_answer_tokens must be >= 0")
+
+    @property
+    def answer_cap(self) -> int:
+        """Slots a round keeps for its answer: a question's answer may be longer than commentary."""
+        return max(self.max_new_tokens, self.max_answer_tokens)
 
     @property
     def vision_rounds(self) -> int:
@@ -126,6 +137,13 @@ def round_query(query: str | None, round_index: int, has_previous: bool) -> str 
     Previous text means the stream began earlier (a later clip of a training stream, a session
     resumed from its transcript), where the query was already asked."""
     return query if round_index == 0 and not has_previous and query else None
+
+
+def round_user_text(query: str | None, round_index: int, has_previous: bool, questions: Sequence[str] = ()
+                    ) -> str | None:
+    """The text of a round's user turn after its frames: the round's query, then the questions asked
+    at that second (the model's turn that follows answers them); None when there is neither."""
+    return " ".join([*filter(None, [round_query(query, round_index, has_previous)]), *questions]) or None
 
 
 def time_label(t_start: float, t_end: float) -> str:
@@ -237,10 +255,12 @@ class StreamFormat:
         return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
 
     # ---- streaming: the slot layout
-    def round_slots(self, n_vision: int, max_new_tokens: int) -> RoundSlots:
-        """Capacities of a round's parts: the longest time label, the query, `max_new_tokens` generated."""
+    def round_slots(self, n_vision: int, policy: CachePolicy) -> RoundSlots:
+        """Capacities of a round's parts: the longest time label, the query and a question of
+        `policy.max_question_tokens` (and a joining space), `policy.answer_cap` generated."""
         before = max(len(self.prompt_ids(t, t + 1.0, None)[0]) for t in (0.0, LONGEST_STREAM_S)) + 2
         after = len(self.prompt_ids(0.0, 1.0, self.query)[1])
-        caps = {"before": before, "vision": n_vision, "after": after, "answer": max_new_tokens,
+        after += policy.max_question_tokens + 1 if policy.max_question_tokens else 0
+        caps = {"before": before, "vision": n_vision, "after": after, "answer": policy.answer_cap,
                 "close": len(self.close_ids()), "tail": len(self.tail_ids())}
         return RoundSlots(tuple(caps[name] for name in ROUND_PARTS))

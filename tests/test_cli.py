@@ -123,6 +123,19 @@ def test_full_scheme_budget_is_settable_and_ends_cleanly(model_dir, video, tmp_p
     assert len(read_jsonl(jsonl)) == SECONDS
 
 
+def test_live_stream_keeps_up_or_drops_the_oldest(model_dir, video, tmp_path, capsys):
+    """--live plays the file at its real speed beside the model: every second written is in order
+    and the last is never dropped; what was dropped is said (none when the model keeps up)."""
+    jsonl = tmp_path / "out.jsonl"
+    assert cli.main(stream_args(model_dir, video, "--live", "--max-queue-s", "2", "--jsonl", str(jsonl),
+                                "--demuxer-option", "probesize=5000000")) == 0
+    starts = [r["start"] for r in read_jsonl(jsonl)]
+    assert starts == sorted(set(starts)) and starts[-1] == SECONDS - 1
+    err = capsys.readouterr().err
+    dropped = SECONDS - len(starts)
+    assert (f"svlm: {dropped} s of live video dropped" in err) == (dropped > 0), err
+
+
 def test_stream_start_and_duration(model_dir, video, tmp_path):
     vtt, jsonl = tmp_path / "out.vtt", tmp_path / "out.jsonl"
     args = stream_args(model_dir, video, "--start", "1", "--duration", "2.5", "--vtt", str(vtt), "--jsonl", str(jsonl))

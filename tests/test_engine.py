@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import svlm_jax
-from svlm_jax.stream_format import CachePolicy, round_query
+from svlm_jax.stream_format import CachePolicy, round_query, round_user_text
 from svlm_jax.streaming import BaselineSession, CacheFullError, SamplingConfig, StreamConfig, StreamingSession
 
 GREEDY = SamplingConfig(temperature=0.0, repetition_penalty=1.0)
@@ -19,11 +19,15 @@ def random_second(rng):
     return rng.standard_normal((int(np.prod(GRID)), 1176)).astype(np.float32), np.array(GRID)
 
 
-# Without previous text, round 0 carries the query (stream_format.round_query).
-@pytest.mark.parametrize("pos_mode, previous_text", [("contiguous", "Red 1 Blue 0."), ("native", "")])
-def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rng, pos_mode, previous_text):
+# Without previous text, round 0 carries the query (stream_format.round_query); a question joins
+# round 2's user turn (stream_format.round_user_text) and gets the longer answer cap.
+@pytest.mark.parametrize("pos_mode, previous_text, question", [("contiguous", "Red 1 Blue 0.", None),
+                                                               ("native", "", None),
+                                                               ("contiguous", "", "Who is winning now?")])
+def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rng, pos_mode, previous_text, question):
     tok = stream_tokenizer
-    cfg = StreamConfig(CachePolicy(text_rounds=8, vision_window_s=8, text_sink=64, text_window=64, max_new_tokens=6),
+    cfg = StreamConfig(CachePolicy(text_rounds=8, vision_window_s=8, text_sink=64, text_window=64, max_new_tokens=6,
+                                   max_question_tokens=24, max_answer_tokens=9),
                        sampling=GREEDY, pos_mode=pos_mode, previous_text=previous_text)
     session = StreamingSession(stream_model, tok, cfg)
     fmt, sp = session.format, tok.special
@@ -35,10 +39,14 @@ def test_logits_equal_forward_before_eviction(stream_model, stream_tokenizer, rn
     for r in range(4):
         rows, grid = random_second(rng)
         rows_all.append(rows)
-        session.step_batch([(rows, grid)], [float(r)], [float(r + 1)], collect_logits=True)
+        asked = question if r == 2 else None
+        session.step_batch([(rows, grid)], [float(r)], [float(r + 1)], questions=[asked], collect_logits=True)
         out = session.last_output
         gen = [int(t) for t in np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])]]
-        before, after = fmt.prompt_ids(float(r), float(r + 1), round_query(cfg.query, r, bool(cfg.previous_text)))
+        cap = 9 if asked else 6
+        assert len(gen) == cap or (len(gen) < cap and gen[-1] == sp.im_end), f"round {r}: {len(gen)} tokens"
+        before, after = fmt.prompt_ids(float(r), float(r + 1),
+                                       round_user_text(cfg.query, r, bool(cfg.previous_text), [asked] if asked else []))
         new = []
         if prev_gen is not None:
             if prev_gen[-1] != sp.im_end:
@@ -183,6 +191,32 @@ def test_batched_streams_equal_single_streams(stream_model, stream_tokenizer, rn
     for r in range(3):
         single = StreamingSession(stream_model, stream_tokenizer, dataclasses.replace(cfg, previous_text=previous[r]))
         alone = [single.step(frames[r][k], float(k), float(k + 1)) for k in range(stops[r] - starts[r])]
+        assert alone == got[r], f"stream {r}"
+        assert any(alone), "sampling produced text"
+
+
+def test_rows_without_a_second_sit_the_round_out(stream_model, stream_tokenizer, rng):
+    """A joined row given no second in a round waits unchanged: each row's commentary equals the
+    same stream's alone, over only the seconds it was given."""
+    cfg = StreamConfig(CachePolicy(text_rounds=3, vision_window_s=2, text_sink=4, text_window=6, max_new_tokens=4),
+                       sampling=SamplingConfig(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1))
+    given = [[True] * 6, [True, False, True, True, False, True]]
+    frames = [[random_second(rng) for _ in range(6)] for _ in range(2)]
+    batched = StreamingSession(stream_model, stream_tokenizer, cfg, batch=2)
+    got, clock = [[], []], [0, 0]
+    for step in range(6):
+        secs = [frames[r][clock[r]] if given[r][step] else None for r in range(2)]
+        ts = [float(clock[r]) if given[r][step] else None for r in range(2)]
+        out = batched.step_batch(secs, ts, [t + 1 if t is not None else None for t in ts])
+        for r in range(2):
+            if given[r][step]:
+                got[r].append(out[r])
+                clock[r] += 1
+            else:
+                assert out[r] == ""
+    for r in range(2):
+        single = StreamingSession(stream_model, stream_tokenizer, cfg)
+        alone = [single.step(frames[r][k], float(k), float(k + 1)) for k in range(clock[r])]
         assert alone == got[r], f"stream {r}"
         assert any(alone), "sampling produced text"
 

@@ -61,7 +61,7 @@ class CacheLayout:
             head_len=len(fmt.head_ids()), text_sink=policy.text_sink, text_window=policy.text_window,
             footer_len=len(fmt.footer_ids()), rounds=rounds or policy.text_rounds,
             vision_rounds=vision_rounds or policy.vision_rounds,
-            slots=fmt.round_slots(len(offsets), policy.max_new_tokens),
+            slots=fmt.round_slots(len(offsets), policy),
             vision_offsets=tuple(tuple(int(v) for v in o) for o in offsets),
             vision_span=rope.vision_span(grid_thw, merge, dt, model_config.resume_rule))
 

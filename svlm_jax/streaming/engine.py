@@ -65,6 +65,8 @@ class RoundInputs:
     n_before_b: jax.Array  # int32
     after_bt: jax.Array    # int32 [B, after cap]
     n_after_b: jax.Array   # int32
+    stepping_b: jax.Array  # bool: the stream has a second this round (the others sit it out)
+    max_new_b: jax.Array   # int32 tokens it may generate (a question's answer may be longer)
 
 
 @struct.dataclass
@@ -253,8 +255,10 @@ def _begin_and_prefill(model: Model, spec: EngineSpec, state: CacheState, inputs
 @functools.partial(jax.jit, static_argnames=("spec", "collect_logits"), donate_argnames="state")
 def round_step(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundInputs, rows_bpv,
                layout: vision.VisionLayout, keys_b, collect_logits: bool = False):
-    """One second for every active stream; returns the new state and the generated tokens."""
+    """One second for every stepping stream; returns the new state and the generated tokens."""
     lay = spec.layout
+    joined_b = state.active_b
+    state = state.replace(active_b=joined_b & inputs.stepping_b)  # this round, sitting out = inactive
     state, hidden, dest, last, k_pos_bs3 = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout)
     logits_bv = text.logits(model.params.text, jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
     last_slot = jnp.take_along_axis(dest, last[:, None], 1)
@@ -268,10 +272,10 @@ def round_step(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundI
         logits_bmv=jnp.zeros((b, lay.slots.cap("answer"), seen.shape[1]) if collect_logits else (), jnp.float32))
     answer_slot_b = lay.round_slot((state.rounds_b - 1) % lay.rounds) + lay.slots.offset("answer")
     answer_pos_b3 = jnp.take_along_axis(k_pos_bs3, last_slot[:, :, None], 1)[:, 0] + 1
-    state, out = _decode(model, spec, start, answer_slot_b, answer_pos_b3, keys_b, collect_logits)
+    state, out = _decode(model, spec, start, answer_slot_b, answer_pos_b3, inputs.max_new_b, keys_b, collect_logits)
     if collect_logits:
         out = out.replace(prefill_logits_bqv=text.logits(model.params.text, hidden))
-    return state, out
+    return state.replace(active_b=joined_b), out
 
 
 @functools.partial(jax.jit, static_argnames="spec", donate_argnames="state")
@@ -279,8 +283,10 @@ def replay_round(model: Model, spec: EngineSpec, state: CacheState, inputs: Roun
                  layout: vision.VisionLayout, tokens_bm, n_gen_b):
     """Re-run a round with its known answer, nothing generated: to warm a stream up from a
     transcript, or to rebuild a context (the sliding-window-with-overlap baseline)."""
+    joined_b = state.active_b
+    state = state.replace(active_b=joined_b & inputs.stepping_b)
     state = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout, (tokens_bm, n_gen_b))[0]
-    return _finish_round(spec, state, tokens_bm, n_gen_b, state.next_native_b)[0]
+    return _finish_round(spec, state, tokens_bm, n_gen_b, state.next_native_b)[0].replace(active_b=joined_b)
 
 
 @struct.dataclass
@@ -298,10 +304,10 @@ class DecodeState:
     logits_bmv: jax.Array       # float32 [B, max_new, V] with collect_logits, else a scalar
 
 
-def _decode(model: Model, spec: EngineSpec, start: DecodeState, answer_slot_b, answer_pos_b3, keys_b,
+def _decode(model: Model, spec: EngineSpec, start: DecodeState, answer_slot_b, answer_pos_b3, max_new_b, keys_b,
             collect_logits: bool):
     """Feed tokens one at a time (the first from the prefill) until each stream has fed <|im_end|>
-    or `max_new` tokens; the m-th fed token sits at slot answer_slot + m, position answer_pos + m."""
+    or its `max_new_b` tokens; the m-th fed token sits at slot answer_slot + m, position answer_pos + m."""
     lay = spec.layout
     max_new = lay.slots.cap("answer")
     put = jax.vmap(lambda a, d, x: a.at[d].set(x, mode="drop"))
@@ -327,7 +333,7 @@ def _decode(model: Model, spec: EngineSpec, start: DecodeState, answer_slot_b, a
         nxt = sampling.next_token(logits, seen, jax.vmap(lambda k: jax.random.fold_in(k, m + 1))(keys_b), spec.sampling)
         return DecodeState(
             step=m + 1, token_b=jnp.where(feed, nxt, tok),
-            done_b=d.done_b | (feed & ((tok == spec.im_end) | (m == max_new - 1))),
+            done_b=d.done_b | (feed & ((tok == spec.im_end) | (m == max_new_b - 1))),
             generated_bm=d.generated_bm.at[:, m].set(jnp.where(feed, tok, 0)), n_gen_b=d.n_gen_b + feed,
             cache=cache, seen_bv=seen, k_positions_bs3=k_pos,
             logits_bmv=d.logits_bmv.at[:, m].set(logits) if collect_logits else d.logits_bmv)

@@ -4,8 +4,9 @@
     text = session.step(frames_thwc, t_start, t_end)   # one second of video -> its commentary
 
 Frames are preprocessed with the Qwen rule; `prepare(height, width)` or else the first second fixes
-the frame size (and so the shapes the engine is compiled for: the cache is built then). Streams of a batch advance together;
-`join` (re)starts one row with its own previous text, `leave` frees it. `on_text` receives the
+the frame size (and so the shapes the engine is compiled for: the cache is built then). A round advances the rows given a
+second (the others sit it out); `join` (re)starts one row with its own previous text and query,
+`leave` frees it. A second can carry a question (`step_batch(questions=)`), answered in its turn. `on_text` receives the
 commentary piece by piece while a second is decoded.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from svlm_jax.media.preprocess import VisionPreprocessConfig, preprocess_video
 from svlm_jax.model import vision
 from svlm_jax.model.params import Model
-from svlm_jax.stream_format import QUERY, SYSTEM, CachePolicy, StreamFormat, check_special_tokens, round_query, \
+from svlm_jax.stream_format import QUERY, SYSTEM, CachePolicy, StreamFormat, check_special_tokens, round_user_text, \
     truncate_previous
 from svlm_jax.streaming import engine
 from svlm_jax.streaming.cache import CacheLayout, empty_state, logical_order
@@ -80,6 +81,7 @@ class StreamingSession:
         self._pending_join = list(range(batch))
         self._context_rounds = np.zeros(batch, np.int64)  # rounds since the row's context began
         self._previous = [config.previous_text] * batch
+        self._queries = [config.query] * batch
         self._text_streams: list[_TextStream] | None = None
         self.last_output: engine.RoundOutput | None = None
 
@@ -92,16 +94,22 @@ class StreamingSession:
         row_text = None if on_text is None else (lambda _row, piece: on_text(piece))
         return self.step_batch([frames_or_patches], [t_start], [t_end], on_text=row_text)[0]
 
-    def step_batch(self, seconds, t_starts, t_ends, *, collect_logits: bool = False,
+    def step_batch(self, seconds, t_starts, t_ends, *, questions=None, collect_logits: bool = False,
                    on_text: OnText | None = None) -> list[str]:
-        """One second for every row: lists of frames (or (rows, grid), or None for an inactive row).
-        Returns each row's commentary; `on_text(row, piece)` gets it piece by piece as it is decoded.
-        The engine's full output (tokens; logits with `collect_logits`) stays in `last_output`."""
+        """One second for the rows given one: lists of frames (or (rows, grid)), None for a row that
+        sits this round out (its stream waits, unchanged). `questions[row]` (or None) joins that
+        second's user turn and the row's answer is the reply (`policy.max_answer_tokens` at most).
+        Returns each row's commentary ("" for rows sitting out); `on_text(row, piece)` gets it piece
+        by piece as it is decoded. The engine's full output (tokens; logits with `collect_logits`)
+        stays in `last_output`."""
         rows, grid = self._patches(seconds)
         self._ensure_engine(grid)
+        for question in questions or ():
+            if question is not None:
+                self.check_question(question)
         self._before_round(seconds)
         self._start_pending()
-        inputs = self._round_inputs(t_starts, t_ends)
+        inputs = self._round_inputs(t_starts, t_ends, questions)
         keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(self.config.seed), r))(jnp.asarray(self._rounds))
         spec = self._spec_for(streaming_text=on_text is not None)
         self._text_streams = None if on_text is None else [
@@ -110,41 +118,55 @@ class StreamingSession:
         self._state, out = engine.round_step(self.model, spec, self._state, inputs, rows, self._vision_layout, keys,
                                              collect_logits=collect_logits)
         self.last_output = out
-        self._rounds += 1
-        self._context_rounds += 1
+        stepping = np.asarray(inputs.stepping_b)
+        self._rounds += stepping
+        self._context_rounds += stepping
         tokens, content = np.asarray(out.tokens_bm), np.asarray(out.content_b)
         if self._text_streams is not None:
             for row, stream in enumerate(self._text_streams):
                 if seconds[row] is not None:
                     stream.finish(tokens[row, :content[row]])
         self._after_round(rows, t_starts, t_ends, out)
-        return [self._text(tokens[b, :content[b]]) for b in range(self.batch)]
+        return [self._text(tokens[b, :content[b]]) if stepping[b] else "" for b in range(self.batch)]
 
-    def replay(self, frames_or_patches, t_start: float, t_end: float, commentary: str) -> None:
-        """Feed one second with known commentary instead of generating it (batch 1): to warm a
-        stream up from a transcript, or to rebuild exactly the context training sees."""
-        self.replay_batch([frames_or_patches], [t_start], [t_end], [commentary])
+    def replay(self, frames_or_patches, t_start: float, t_end: float, commentary: str,
+               question: str | None = None) -> None:
+        """Feed one second with known commentary (and the question it answered, if any) instead of
+        generating it (batch 1): to warm a stream up from a transcript, or to rebuild exactly the
+        context training sees."""
+        self.replay_batch([frames_or_patches], [t_start], [t_end], [commentary], questions=[question])
 
-    def replay_batch(self, seconds, t_starts, t_ends, commentaries) -> None:
+    def replay_batch(self, seconds, t_starts, t_ends, commentaries, *, questions=None) -> None:
         rows, grid = self._patches(seconds)
         self._ensure_engine(grid)
         self._start_pending()
-        max_new = self.config.policy.max_new_tokens
-        tokens = np.zeros((self.batch, max_new), np.int32)
+        questions = questions or [None] * self.batch
+        tokens = np.zeros((self.batch, self.config.policy.answer_cap), np.int32)
         n_gen = np.zeros(self.batch, np.int32)
         for row, text in enumerate(commentaries):
             if text is None:
                 continue
+            if questions[row] is not None:
+                self.check_question(questions[row])
+            limit = self.config.policy.answer_cap if questions[row] is not None else self.config.policy.max_new_tokens
             ids = self.format.answer_ids(self.format.commentary_ids(text.split()))
-            if len(ids) > max_new:
-                raise ValueError(f"commentary of {len(ids)} tokens does not fit max_new_tokens={max_new}")
+            if len(ids) > limit:
+                raise ValueError(f"commentary of {len(ids)} tokens does not fit the {limit} tokens of its answer")
             tokens[row, :len(ids)], n_gen[row] = ids, len(ids)
-        self._replay(rows, t_starts, t_ends, jnp.asarray(tokens), jnp.asarray(n_gen))
-        self._rounds += 1
+        stepping = np.asarray([t is not None for t in t_starts])
+        self._replay(rows, t_starts, t_ends, jnp.asarray(tokens), jnp.asarray(n_gen), questions)
+        self._rounds += stepping
 
-    def join(self, row: int, previous_text: str = "") -> None:
-        """(Re)start the stream of batch row `row` with its own previous text."""
+    def join(self, row: int, previous_text: str = "", query: str | None = None) -> None:
+        """(Re)start the stream of batch row `row` with its own previous text and query (None: the
+        config's)."""
+        query = self.config.query if query is None else query
+        turn = lambda q: len(self.format.prompt_ids(0.0, 1.0, q)[1])
+        if turn(query) > turn(self.config.query):  # the cache's user turn is sized for the config's query
+            raise ValueError(f"the query {query!r} is longer than the stream config's {self.config.query!r}, "
+                             "which sets the cache's room for it")
         self._previous[row] = previous_text
+        self._queries[row] = query
         self._rounds[row] = 0
         self._restart(row)
 
@@ -196,12 +218,12 @@ class StreamingSession:
         """Called after every generated round."""
 
     # ------------------------------------------------------------ internals
-    def _replay(self, rows, t_starts, t_ends, tokens_bm, n_gen_b) -> None:
+    def _replay(self, rows, t_starts, t_ends, tokens_bm, n_gen_b, questions=None) -> None:
         """A round with known answers into the rows' contexts."""
-        inputs = self._round_inputs(t_starts, t_ends)
+        inputs = self._round_inputs(t_starts, t_ends, questions)
+        self._context_rounds += np.asarray(inputs.stepping_b)
         self._state = engine.replay_round(self.model, self._specs[False], self._state, inputs, rows,
                                           self._vision_layout, tokens_bm, n_gen_b)
-        self._context_rounds += 1
 
     def _restart(self, row: int):
         self._context_rounds[row] = 0
@@ -281,22 +303,43 @@ class StreamingSession:
                                            jnp.asarray(n_win))
         self._pending_join = []
 
-    def _round_inputs(self, t_starts, t_ends) -> engine.RoundInputs:
-        slots = self._specs[False].layout.slots
+    def _round_inputs(self, t_starts, t_ends, questions=None) -> engine.RoundInputs:
+        """The round's user turns (rows with t_start None sit out), padded to the slots' capacities."""
+        slots, policy = self._specs[False].layout.slots, self.config.policy
         before = np.zeros((self.batch, slots.cap("before")), np.int32)
         after = np.zeros((self.batch, slots.cap("after")), np.int32)
         n_before, n_after = np.zeros(self.batch, np.int32), np.zeros(self.batch, np.int32)
+        max_new = np.full(self.batch, policy.max_new_tokens, np.int32)
         for row in range(self.batch):
             if t_starts[row] is None:
                 continue
-            query = round_query(self.config.query, int(self._context_rounds[row]), bool(self._previous[row]))
-            b, a = self.format.prompt_ids(t_starts[row], t_ends[row], query)
+            question = None if questions is None else questions[row]
+            if question is not None:
+                max_new[row] = policy.answer_cap
+            text = round_user_text(self._queries[row], int(self._context_rounds[row]), bool(self._previous[row]),
+                                   [question] if question is not None else [])
+            b, a = self.format.prompt_ids(t_starts[row], t_ends[row], text)
             if len(b) > slots.cap("before"):
                 raise ValueError(f"the time label of {t_starts[row]}-{t_ends[row]} s is too long")
+            if len(a) > slots.cap("after"):
+                raise ValueError(f"row {row}: the user turn {text!r} has {len(a)} tokens after the frames; the cache "
+                                 f"keeps {slots.cap('after')} (a longer query or question needs max_question_tokens)")
             before[row, :len(b)], after[row, :len(a)] = b, a
             n_before[row], n_after[row] = len(b), len(a)
         return engine.RoundInputs(before_bt=jnp.asarray(before), n_before_b=jnp.asarray(n_before),
-                                  after_bt=jnp.asarray(after), n_after_b=jnp.asarray(n_after))
+                                  after_bt=jnp.asarray(after), n_after_b=jnp.asarray(n_after),
+                                  stepping_b=jnp.asarray([t is not None for t in t_starts]),
+                                  max_new_b=jnp.asarray(max_new))
+
+    def check_question(self, question: str) -> None:
+        """ValueError unless `question` fits a second's user turn (after a space, beside the query)."""
+        if not question.strip():
+            raise ValueError("the question is empty")
+        limit = self.config.policy.max_question_tokens
+        n_tokens = len(self.format.encode(" " + question))
+        if n_tokens > limit:
+            raise ValueError(f"the question has {n_tokens} tokens; this stream takes at most {limit} "
+                             "(max_question_tokens)")
 
     def _text(self, content_ids) -> str:
         """Commentary text of an answer's commentary ids (`engine.content_length` of them)."""

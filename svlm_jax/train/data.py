@@ -8,7 +8,8 @@ Sample format (one JSON object per line; times in seconds on the video's own tim
   text_stream  [[start, end, word], ...]: a word belongs to the second its END time falls in
   previous     optional: what was said before video_start (the stream started earlier)
   qa_stream    optional [[time, time, question, answer], ...]: the question joins the user turn
-               of the second the second `time` falls in (after the query when both are there) and
+               of the second the second `time` falls in (`stream_format.round_user_text`: after
+               the query when both are there, as `svlm serve` asks) and
                the answer's words follow that second's commentary in its assistant turn, so later
                rounds see it in the previous text, as at inference.
 
@@ -46,7 +47,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from svlm_jax.stream_format import IGNORE, CachePolicy, Round, StreamFormat, round_query, truncate_previous
+from svlm_jax.stream_format import IGNORE, CachePolicy, Round, StreamFormat, round_user_text, truncate_previous
 from svlm_jax.config import ModelConfig, VisionConfig
 from svlm_jax.media.preprocess import VisionPreprocessConfig, preprocess_video, smart_resize
 from svlm_jax.media.video import VideoReader
@@ -184,10 +185,9 @@ def sample_rounds(sample: Sample, fmt: StreamFormat) -> list[Round]:
         words[k] += answer.split()
     rounds = []
     for k in range(sample.n_seconds):
-        query = round_query(fmt.query, k, bool(sample.previous))
-        parts = ([query] if query else []) + questions[k]
         t = sample.video_start + k
-        rounds.append(Round(t, t + 1, " ".join(parts) or None, tuple(words[k])))
+        rounds.append(Round(t, t + 1, round_user_text(fmt.query, k, bool(sample.previous), questions[k]),
+                            tuple(words[k])))
     return rounds
 
 
