@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
 import re
 import sys
 import time
@@ -326,8 +327,58 @@ class StreamTimes:
                 f"(with compilation) in {self.seconds[0]:.1f} s; real-time factor {self.real_time_factor():.2f}")
 
 
+def check_output_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(flag, path) of the outputs asked for, checked before anything is read or written: not the
+    input video, not the same file twice, a file in an existing writable folder."""
+    outputs, seen = [], {}
+    video = Path(args.video).resolve() if args.video != "-" and Path(args.video).exists() else None
+    for flag, path in (("--vtt", args.vtt), ("--jsonl", args.jsonl)):
+        if not path:
+            continue
+        path = Path(path)
+        if path.resolve() == video:
+            raise CliError(f"{flag} {path} is the input video; write the output to another file")
+        if path.resolve() in seen:
+            raise CliError(f"{seen[path.resolve()]} and {flag} both name {path}; give each its own file")
+        if path.is_dir():
+            raise CliError(f"{flag} {path} is a folder, not a file")
+        folder = path.parent
+        if not folder.is_dir():
+            raise CliError(f"{flag} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise CliError(f"{flag} {path}: cannot write there")
+        seen[path.resolve()] = flag
+        outputs.append((flag, path))
+    return outputs
+
+
+class OutputWriter:
+    """A subtitle or JSON-lines writer whose write failures (a full disk) name its file as a CliError;
+    every earlier second stays in the file, flushed."""
+
+    def __init__(self, flag: str, path: Path):
+        self.label = f"{flag} {path}"
+        try:
+            self.writer = (VttWriter if flag == "--vtt" else JsonlWriter)(path)
+        except OSError as error:
+            raise CliError(f"{self.label}: cannot write: {error.strerror or error}") from None
+
+    def write(self, t_start: float, t_end: float, text: str) -> None:
+        try:
+            self.writer.write(t_start, t_end, text)
+        except OSError as error:
+            raise CliError(f"{self.label}: cannot write: {error.strerror or error}") from None
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except OSError as error:
+            raise CliError(f"{self.label}: cannot write: {error.strerror or error}") from None
+
+
 def run_stream(args: argparse.Namespace) -> int:
     policy = cache_policy(args)
+    outputs = check_output_paths(args)
     # Opened before the (slow) model load, so a wrong path or an unreadable video fails at once.
     with VideoReader(args.video, fps=policy.fps, start=args.start, format=args.format,
                      options=dict(args.demuxer_option)) as reader:
@@ -344,12 +395,11 @@ def run_stream(args: argparse.Namespace) -> int:
             session = make_session(args, model, tokenizer, config, preprocess)
         except ValueError as error:
             raise CliError(str(error)) from None
-        with contextlib.ExitStack() as outputs:
+        with contextlib.ExitStack() as opened:
             writers = []
-            if args.vtt:
-                writers.append(outputs.enter_context(VttWriter(args.vtt)))
-            if args.jsonl:
-                writers.append(outputs.enter_context(JsonlWriter(args.jsonl)))
+            for flag, path in outputs:
+                writers.append(OutputWriter(flag, path))
+                opened.callback(writers[-1].close)
             if not args.live:
                 commentate(reader, session, writers, args.duration)
                 return 0

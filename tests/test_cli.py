@@ -236,6 +236,34 @@ def test_bad_input_is_one_line(case, message, model_dir, video, tmp_path, capsys
     check_one_line_error(capsys.readouterr().err, message)
 
 
+@pytest.mark.parametrize("case,message", [
+    ("output is the video", "is the input video"),
+    ("one file twice", "--vtt and --jsonl both name"),
+    ("missing folder", "the folder"),
+    ("output is a folder", "is a folder, not a file"),
+    ("top-k above the vocabulary", "above the vocabulary size"),
+])
+def test_bad_outputs_and_options_are_one_line(case, message, model_dir, video, tmp_path, capsys):
+    """Checked before the video is read or any file written: the video is never overwritten."""
+    copy = tmp_path / "match.mp4"
+    shutil.copy(video, copy)
+    extra = {"output is the video": ["--vtt", str(copy)],
+             "one file twice": ["--vtt", str(tmp_path / "o.txt"), "--jsonl", str(tmp_path / "o.txt")],
+             "missing folder": ["--jsonl", str(tmp_path / "nowhere" / "o.jsonl")],
+             "output is a folder": ["--jsonl", str(tmp_path)],
+             "top-k above the vocabulary": ["--top-k", "100000000"]}[case]
+    assert cli.main(stream_args(model_dir, copy, *extra)) == 1
+    check_one_line_error(capsys.readouterr().err, message)
+    assert copy.read_bytes() == video.read_bytes()
+
+
+def test_a_full_disk_is_one_line(model_dir, video, tmp_path, capsys):
+    """/dev/full: every write fails with ENOSPC, as on a full file system."""
+    vtt = tmp_path / "out.vtt"
+    assert cli.main(stream_args(model_dir, video, "--vtt", str(vtt), "--jsonl", "/dev/full")) == 1
+    check_one_line_error(capsys.readouterr().err, "--jsonl /dev/full: cannot write: No space left on device")
+
+
 def test_video_that_ends_early_keeps_earlier_cues(model_dir, tmp_path, capsys):
     video = write_mp4(tmp_path / "cut.mp4", 10)
     video.write_bytes(video.read_bytes()[: video.stat().st_size // 2])

@@ -69,6 +69,8 @@ class StreamingSession:
         self.preprocess = preprocess
         self.format = StreamFormat.from_tokenizer(tokenizer, system=config.system, query=config.query)
         sampling = config.sampling or SamplingConfig.from_generation(tokenizer.generation)
+        if sampling.top_k > model.config.text.vocab_size:
+            raise ValueError(f"top_k={sampling.top_k} is above the vocabulary size {model.config.text.vocab_size}")
         # Vision placeholders are the frames' slots, never commentary.
         special = self.format.special
         placeholders = (special.image_pad, special.video_pad, special.vision_start, special.vision_end)
