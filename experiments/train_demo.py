@@ -27,6 +27,16 @@ itself resumes from its latest checkpoint):
                 and score it with the synth scorer, then the first minutes of HELD_OUT_SEEDS; score
                 copying teacher-forced, and on the text pretraining's held-out rows (what SFT kept
                 of it); record the demo's first seconds for the tests
+  8. qa         off by default (`--qa-steps N`): fine-tune the exported model N steps on streams
+                asked "What is the score?" (`DatasetConfig.qa_rate`: the question joins a random
+                second's user turn, its answer "Score one to zero." follows that second's
+                commentary, as `StreamingSession.step_batch(..., questions=...)` asks it) with the
+                SFT stage's chunking and cache policy, the LM alone at a small rate (`--qa-lr`), and
+                export it over the model before steps 7's evaluation. `--qa-only` runs this stage
+                alone on the model already in --out (the bundled one), exports into --work/qa_model
+                and writes experiments/results/demo_qa.json: QA accuracy before and after
+                (`evaluate_qa`: questions at seconds without a recap, with no goal yet or the last
+                one beyond the demo's vision window) and the demo's metrics on `demo.DEMO_SEED`
 """
 
 from __future__ import annotations
@@ -51,8 +61,10 @@ from svlm_jax import demo
 from svlm_jax.config import ModelConfig, TextConfig, VisionConfig
 from svlm_jax.model.params import Model
 from svlm_jax.stream_format import END_MARKER, QUERY, SYSTEM, CachePolicy, StreamFormat, time_label
-from svlm_jax.synth import (LONG_MEMORY_S, DatasetConfig, Match, MatchConfig, match_intro, memory_ages,
-                            score_commentary, stream_seconds, summarize_scores, write_dataset)
+from svlm_jax.streaming import StreamingSession
+from svlm_jax.synth import (LONG_MEMORY_S, QUESTION, DatasetConfig, Match, MatchConfig, RenderConfig, match_intro,
+                            memory_ages, parse_facts, score_commentary, scores_by_second, stream_seconds,
+                            summarize_scores, write_dataset)
 from svlm_jax.synth.commentary import SIDES
 from svlm_jax.synth.dataset import stream_start
 from svlm_jax.tokenizer import Tokenizer, train_tokenizer
@@ -96,14 +108,15 @@ TOKENIZER_STREAMS = DatasetConfig(streams=24, minutes=10, start_minute_max=30, k
 HELD_OUT_SEEDS = range(demo.DEMO_SEED, demo.DEMO_SEED + 6)
 
 
-def make_data(work: Path, args) -> Path:
-    out = work / "data"
+def make_data(work: Path, args, name: str = "data", streams: int | None = None, qa_rate: float = 0.0) -> Path:
+    """The SFT streams (seeds 0 .. streams-1) under work/name; with `qa_rate` asked QUESTION too."""
+    out = work / name
     if not (out / "samples.jsonl").is_file():
         pace = MatchConfig(seed=0, goal_probability=args.goal_probability, save_probability=args.save_probability,
                            shot_weight=args.shot_weight, shooting_range=args.shooting_range)
-        write_dataset(out, DatasetConfig(streams=args.streams, minutes=args.minutes, first_seed=0,
-                                         start_minute_max=args.start_minute_max,
-                                         kickoff_fraction=args.kickoff_fraction, pace=pace))
+        write_dataset(out, DatasetConfig(streams=args.streams if streams is None else streams, minutes=args.minutes,
+                                         first_seed=0, start_minute_max=args.start_minute_max,
+                                         kickoff_fraction=args.kickoff_fraction, pace=pace, qa_rate=qa_rate))
     return out / "samples.jsonl"
 
 
@@ -426,16 +439,24 @@ def bucket_for(samples: Path, tokenizer_dir: Path, spec: data.ChunkSpec) -> tupl
     return -(-longest // 64) * 64, spec.chunk_seconds * 4 * n_vision  # 4 patches per merged token
 
 
-def write_run_config(work: Path, samples: Path, tokenizer_dir: Path, init_dir: Path, args) -> Path:
+def write_run_config(work: Path, samples: Path, tokenizer_dir: Path, init_dir: Path, args, name: str = "run",
+                     steps: int | None = None, lr: float | None = None, vision_lr: float | None = None) -> Path:
+    """work/<name>.toml training init_dir on samples into work/<name>; the SFT stage's by default.
+    `vision_lr` 0 freezes the vision tower."""
     spec = chunk_spec(args)
     tokens, patches = bucket_for(samples, tokenizer_dir, spec)
-    path = work / "run.toml"
+    steps = args.steps if steps is None else steps
+    lr = args.lr if lr is None else lr
+    vision_lr = args.vision_lr if vision_lr is None else vision_lr
+    freeze = "true            # the QA stage trains the LM alone" if vision_lr == 0 else \
+        "false          # the tower starts random: it has to learn to see the match"
+    path = work / f"{name}.toml"
     path.write_text(f"""# Written by experiments/train_demo.py
 [model]
 tokenizer = "{tokenizer_dir}"
 pretrained = "{init_dir}"
 compute_dtype = "float32"      # bfloat16 matmuls are slow on CPUs
-freeze_vision = false          # the tower starts random: it has to learn to see the match
+freeze_vision = {freeze}
 remat = false                  # small activations; recomputing them only costs time
 
 [data]
@@ -450,11 +471,11 @@ text_sink = {spec.policy.text_sink}
 text_window = {spec.policy.text_window}
 
 [train]
-out_dir = "{work / 'run'}"
-steps = {args.steps}
+out_dir = "{work / name}"
+steps = {steps}
 batch_size = {args.batch_size}
-lr = {args.lr}
-vision_lr = {args.vision_lr}
+lr = {lr}
+vision_lr = {vision_lr}
 warmup_ratio = 0.03
 clip_norm = 1.0
 log_every = 10
@@ -569,6 +590,126 @@ def teacher_forced_scores(model_dir: Path, samples: Path, seconds: int = 360) ->
             "recap_errors": total["recap"] - right["recap"], "recap_errors_home_away_swapped": swapped}
 
 
+def make_qa_trained(work: Path, base_dir: Path, args) -> Path:
+    """Stage 8: `base_dir` fine-tuned `args.qa_steps` steps on `args.qa_streams` SFT streams asked
+    QUESTION (`args.qa_rate` of their seconds), exported into work/qa_model."""
+    out = work / "qa_model"
+    if (out / "config.json").is_file():
+        return out
+    samples = make_data(work, args, "qa_data", args.qa_streams, args.qa_rate)
+    config = write_run_config(work, samples, base_dir, base_dir, args, "qa_run", args.qa_steps, args.qa_lr, 0.0)
+    main_train(config)
+    main_export(work / "qa_run", out)
+    return out
+
+
+def qa_policy_stream(seed: int):
+    """The demo's stream of match `seed` with room for a question and its answer."""
+    config = demo.match_stream(seed)
+    return dataclasses.replace(config, policy=dataclasses.replace(config.policy, max_question_tokens=16,
+                                                                  max_answer_tokens=24))
+
+
+def qa_ask_seconds(scores: list[tuple[int, int]], seconds: int, every: int = 6,
+                   window_s: int | None = None) -> list[tuple[int, str]]:
+    """Seconds to ask QUESTION at, each at least `every` after the last: odd ones (no recap states
+    the score there, so only an answer does) with no goal yet ("no goal") or the last goal older
+    than the demo's vision window ("goal out of view"); goals are where `scores` changes."""
+    window_s = demo.STREAM.policy.vision_window_s if window_s is None else window_s
+    asked, last_goal = [], None
+    for s in range(1, seconds):
+        if scores[s] != scores[s - 1]:
+            last_goal = s
+        if s % 2 == 0 or (asked and s - asked[-1][0] < every):
+            continue
+        if last_goal is None:
+            asked.append((s, "no goal"))
+        elif s - last_goal > window_s:
+            asked.append((s, "goal out of view"))
+    return asked
+
+
+def evaluate_qa(model_dir: Path, seeds, seconds: int) -> dict:
+    """Stream the first `seconds` of each match of `seeds` as the demo does, asking QUESTION at
+    `qa_ask_seconds`; an answer is right when the scores it states are all the true one (at least one)."""
+    model, tok = demo.load_model(model_dir)
+    right, total, examples = Counter(), Counter(), []
+    consistent = 0  # answers stating the score the model's own commentary last stated (what the cache holds)
+    for seed in seeds:
+        items = list(itertools.islice(stream_seconds(MatchConfig(seed), render_from=seconds), seconds))
+        scores = scores_by_second(item.truth for item in items)
+        asked = dict(qa_ask_seconds(scores, seconds))
+        session = StreamingSession(model, tok, qa_policy_stream(seed), preprocess=tok.vision_preprocess)
+        own = (0, 0)
+        for item in itertools.islice(stream_seconds(MatchConfig(seed), RenderConfig()), seconds):
+            question = QUESTION if item.second in asked else None
+            said = session.step_batch([item.frames], [float(item.second)], [item.second + 1.0], questions=[question])[0]
+            facts = parse_facts(said)
+            stated = [fact.score for fact in facts if fact.score is not None]
+            if question is None:
+                own = stated[-1] if stated else own
+                continue
+            # the score the commentary holds: its last statement, raised by a goal it calls now
+            goals = [fact for fact in facts if fact.kind == "goal"]
+            holds = goals[-1].score if goals else own
+            ok = bool(stated) and all(score == scores[item.second] for score in stated)
+            agrees = bool(stated) and all(score == holds for score in stated)
+            consistent += agrees
+            own = stated[-1] if stated else own
+            kind = asked[item.second]
+            right[kind] += ok
+            total[kind] += 1
+            examples.append({"seed": seed, "second": item.second, "kind": kind, "score": scores[item.second],
+                             "answer": said, "right": ok, "own_commentary_score": holds,
+                             "agrees_with_own_commentary": agrees})
+    return {"seeds": list(seeds), "seconds": seconds, "questions": sum(total.values()),
+            "accuracy": sum(right.values()) / max(sum(total.values()), 1),
+            "accuracy_by_kind": {k: right[k] / n for k, n in sorted(total.items())},
+            "agrees_with_own_commentary": consistent / max(sum(total.values()), 1),
+            "accuracy_by_seed": {seed: sum(a["right"] for a in examples if a["seed"] == seed) /
+                                 max(sum(a["seed"] == seed for a in examples), 1) for seed in seeds},
+            "questions_by_kind": dict(sorted(total.items())), "answers": examples}
+
+
+def demo_metrics(model_dir: Path, seconds: int) -> dict:
+    """The demo's summary (`svlm_jax.demo.run`'s numbers, without writing video) on demo.DEMO_SEED."""
+    model, tok = demo.load_model(model_dir)
+    texts, truths = [], []
+    for item, said in demo.commentate(model, tok, demo.DEMO_SEED, seconds):
+        texts.append(said)
+        truths.append(item.truth)
+    return {"seed": demo.DEMO_SEED, "seconds": seconds,
+            **summarize_scores(score_commentary(texts, truths), memory_ages(truths), LONG_MEMORY_S)}
+
+
+def run_qa_only(work: Path, out: Path, args) -> None:
+    """--qa-only: stage 8 on the model in `out`; QA and demo numbers before and after into args.qa_result."""
+    started = time.perf_counter()
+    qa_dir = make_qa_trained(work, out, args)
+    trained = time.perf_counter()
+    seeds = range(HELD_OUT_SEEDS[0], HELD_OUT_SEEDS[0] + args.qa_eval_seeds)
+    result = {"settings": {k: v for k, v in vars(args).items() if k.startswith("qa") or k in (
+                  "batch_size", "chunk_seconds", "overlap_seconds", "minutes", "start_minute_max",
+                  "kickoff_fraction", "eval_seconds")},
+              "question": QUESTION, "base_model": str(out), "qa_model": str(qa_dir),
+              "run_config": (work / "qa_run.toml").read_text()}
+    log_path = work / "qa_run" / "log.jsonl"
+    if log_path.is_file():
+        log = [json.loads(line) for line in log_path.open()]
+        result["loss_curve"] = [{k: r[k] for k in ("step", "loss", "lr")} for r in log]
+        result["train_wall_s_from_step_10"] = log[-1]["time"] - log[0]["time"]
+    result["wall_s_prepare_and_train"] = trained - started
+    if args.qa_before_from:  # the base model's numbers from an earlier result of the same base and settings
+        result["before"] = json.loads(Path(args.qa_before_from).read_text())["before"]
+    for name, model_dir in (("before", out), ("after", qa_dir))[1 if args.qa_before_from else 0:]:
+        result[name] = {"qa": evaluate_qa(model_dir, seeds, args.qa_eval_seconds),
+                        "demo": demo_metrics(model_dir, args.eval_seconds)}
+        print(name, json.dumps({"qa": {k: result[name]["qa"][k] for k in ("questions", "accuracy", "accuracy_by_kind")},
+                                "demo": result[name]["demo"]}), flush=True)
+    path = write_result("demo_qa", result, args.qa_result)
+    print(f"wrote {qa_dir} and {path}")
+
+
 def record_outputs(model_dir: Path, seconds: int) -> None:
     model, tok = demo.load_model(model_dir)
     texts = [text for _, text in demo.commentate(model, tok, demo.DEMO_SEED, seconds)]
@@ -628,6 +769,19 @@ def main() -> None:
                         help="seconds scored of each of the held-out seeds HELD_OUT_SEEDS")
     parser.add_argument("--record-seconds", type=int, default=20, help="seconds recorded for the tests")
     parser.add_argument("--result", default=str(RESULTS / "demo_training.json"), help="where the JSON result goes")
+    parser.add_argument("--qa-steps", type=int, default=0,
+                        help="stage 8: steps fine-tuning the exported model on streams asked the score (0: none)")
+    parser.add_argument("--qa-only", action="store_true",
+                        help="run stage 8 alone on the model in --out (into --work/qa_model) and write --qa-result")
+    parser.add_argument("--qa-streams", type=int, default=120, help="stage 8: training streams (seeds 0 ..)")
+    parser.add_argument("--qa-rate", type=float, default=0.1, help="stage 8: share of seconds asked the score")
+    parser.add_argument("--qa-lr", type=float, default=2e-4, help="stage 8: peak learning rate of the LM")
+    parser.add_argument("--qa-eval-seeds", type=int, default=len(HELD_OUT_SEEDS),
+                        help=f"stage 8: held-out matches asked, from seed {HELD_OUT_SEEDS[0]}")
+    parser.add_argument("--qa-eval-seconds", type=int, default=120, help="stage 8: seconds of each asked match")
+    parser.add_argument("--qa-before-from", default=None,
+                        help="stage 8: take the base model's numbers from this earlier --qa-result (same base)")
+    parser.add_argument("--qa-result", default=str(RESULTS / "demo_qa.json"), help="where stage 8's JSON goes")
     args = parser.parse_args()
     if HELD_OUT_SEEDS[0] < args.streams:
         parser.error(f"the held-out seeds from {HELD_OUT_SEEDS[0]} must stay out of the training seeds "
@@ -635,6 +789,9 @@ def main() -> None:
 
     work, out = Path(args.work).resolve(), Path(args.out).resolve()  # run.toml paths are read relative to itself
     work.mkdir(parents=True, exist_ok=True)
+    if args.qa_only:
+        run_qa_only(work, out, args)
+        return
     started = time.perf_counter()
     samples = make_data(work, args)
     tokenizer_dir = make_tokenizer(work)
@@ -648,6 +805,10 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     main_export(work / "run", out)
+    if args.qa_steps:
+        qa_dir = make_qa_trained(work, out, args)
+        shutil.rmtree(out)
+        shutil.copytree(qa_dir, out)
     evaluation = {**evaluate(out, args.eval_seconds),
                   "held_out_seeds": evaluate_seeds(out, args.seeds_seconds),
                   "teacher_forced": teacher_forced_scores(out, teacher_forced_held_out(work)),

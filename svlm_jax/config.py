@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from svlm_jax.model.rope import RESUME_RULES
@@ -120,8 +121,9 @@ class ModelConfig:
         _check(all(0 <= i < t.vocab_size for i in ids), f"special token ids {ids} must lie inside vocab_size {t.vocab_size}")
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelConfig":
-        return _from_hf(cfg)
+    def from_dict(cls, cfg: dict, *, source: str = "config.json") -> "ModelConfig":
+        """From a parsed config.json; `source` names the file in error messages."""
+        return _from_hf(cfg, source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -131,10 +133,16 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
         try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (JSON expected): {e}") from None
+        if not text.strip():
+            raise ConfigError(f"{path} is empty (a JSON object expected)")
+        try:
+            cfg = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return _from_hf(cfg)
+        return _from_hf(cfg, str(path))
 
     def to_dict(self) -> dict:
         return _to_hf(self)
@@ -145,84 +153,206 @@ def _check(cond: bool, msg: str):
         raise ConfigError(msg)
 
 
-def _require(d: dict, key: str, where: str):
-    if key not in d:
-        raise ConfigError(f"config.json: missing key {key!r} in {where}")
-    return d[key]
+# ---- reading config.json: every value is type-checked where it is read --------------------------
+
+_MISSING = object()
+_INT_MAX = 2**31 - 1  # token ids and sizes are int32 on device
 
 
-def _from_hf(cfg: dict) -> ModelConfig:
+def _shown(value) -> str:
+    """A value as JSON spells it (null, true, "4"), cut short."""
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+
+
+def _int(lo: int):
+    def convert(value):
+        if _is_int(value) and lo <= value <= _INT_MAX:
+            return int(value)
+        return _MISSING
+    convert.expected = ("a positive integer" if lo == 1 else "a non-negative integer" if lo == 0
+                        else f"an integer >= {lo}")
+    return convert
+
+
+def _positive_number(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return _MISSING
+
+
+_positive_number.expected = "a positive number"
+
+
+def _bool(value):
+    return value if isinstance(value, bool) else _MISSING
+
+
+_bool.expected = "true or false"
+
+
+def _int_list(lo: int, length: int | None = None):
+    item = _int(lo)
+
+    def convert(value):
+        if not isinstance(value, list) or length is not None and len(value) != length:
+            return _MISSING
+        items = [item(v) for v in value]
+        return _MISSING if any(v is _MISSING for v in items) else tuple(items)
+    convert.expected = (f"a list of {length} " if length else "a list of ") + item.expected.replace(
+        "a ", "", 1).replace("an ", "", 1) + "s"
+    return convert
+
+
+POSITIVE, NON_NEGATIVE = _int(1), _int(0)
+
+
+class _Reader:
+    """Typed reads from one config.json; every error names the file, the field's path and what was expected."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, message: str):
+        raise ConfigError(f"{self.source}: {message}")
+
+    def check(self, cond: bool, message: str):
+        if not cond:
+            self.fail(message)
+
+    def get(self, d: dict, key: str, path: str, convert, default=_MISSING, *, where: str = "", null_is_default=False):
+        if key not in d or (null_is_default and d[key] is None and default is not _MISSING):
+            if default is _MISSING:
+                self.fail(f"missing key {key!r} in {where or 'the top level'}")
+            return default
+        value = convert(d[key])
+        if value is _MISSING:
+            too_big = _is_int(d[key]) and d[key] > _INT_MAX
+            self.fail(f"{path} must be {convert.expected}{f' no larger than {_INT_MAX}' if too_big else ''}, "
+                      f"got {_shown(d[key])}")
+        return value
+
+    def obj(self, d: dict, key: str, path: str, *, required=False) -> dict:
+        """A nested object; absent or null reads as {} unless required."""
+        if key not in d:
+            if required:
+                self.fail(f"missing key {key!r} in the top level")
+            return {}
+        value = d[key]
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(f"{path} must be an object, got {_shown(value)}")
+        return value
+
+
+def _from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
+    r = _Reader(source)
+    if not isinstance(cfg, dict):
+        r.fail(f"expected a JSON object at the top level, got {_shown(cfg)}")
     model_type = cfg.get("model_type")
-    _check(model_type in SUPPORTED_MODEL_TYPES,
-           f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    shown_type = repr(model_type) if isinstance(model_type, str) else _shown(model_type)
+    r.check(model_type in SUPPORTED_MODEL_TYPES,
+            f"model_type {shown_type} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     # transformers 5 nests text keys in text_config; the hub's original files keep them at the top.
-    text = {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")},
-            **cfg.get("text_config", {})}
-    vis = _require(cfg, "vision_config", "the top level")
-    rope = dict(text.get("rope_parameters") or {})
-    legacy_rope = text.get("rope_scaling") or {}
-    rope.setdefault("mrope_section", legacy_rope.get("mrope_section", [16, 24, 24]))
-    rope.setdefault("rope_theta", text.get("rope_theta", 1_000_000.0))
+    text_cfg = r.obj(cfg, "text_config", "text_config")
+    text = {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **text_cfg}
+
+    def tp(key: str) -> str:  # where a text key was read from
+        return f"text_config.{key}" if key in text_cfg else key
+
+    vis = r.obj(cfg, "vision_config", "vision_config", required=True)
+    rope = dict(r.obj(text, "rope_parameters", tp("rope_parameters")))
+    legacy_rope = r.obj(text, "rope_scaling", tp("rope_scaling"))
+    rope_path = tp("rope_parameters") if "mrope_section" in rope else tp("rope_scaling")
+    mrope = r.get({**legacy_rope, **rope}, "mrope_section", f"{rope_path}.mrope_section", _int_list(0, 3),
+                  (16, 24, 24))
+    if "rope_theta" in rope:
+        rope_theta = r.get(rope, "rope_theta", f"{tp('rope_parameters')}.rope_theta", _positive_number)
+    else:
+        rope_theta = r.get(text, "rope_theta", tp("rope_theta"), _positive_number, 1_000_000.0)
     rope_type = rope.get("rope_type", legacy_rope.get("rope_type", legacy_rope.get("type", "default")))
-    _check(rope_type in ("default", "mrope"), f"rope type {rope_type!r} is not supported (only default M-RoPE)")
-    _check(not text.get("use_sliding_window", False), "use_sliding_window=true is not supported")
-    tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    r.check(rope_type in ("default", "mrope"), f"rope type {rope_type!r} is not supported (only default M-RoPE)")
+    sliding = r.get(text, "use_sliding_window", tp("use_sliding_window"), _bool, False, null_is_default=True)
+    r.check(not sliding, "use_sliding_window=true is not supported")
+    tie_src, tie_path = (cfg, "tie_word_embeddings") if "tie_word_embeddings" in cfg else (
+        text, tp("tie_word_embeddings"))
+    tie = r.get(tie_src, "tie_word_embeddings", tie_path, _bool, False, null_is_default=True)
+
+    def tget(key, convert=POSITIVE, default=_MISSING, **kw):
+        return r.get(text, key, tp(key), convert, default, where="text_config", **kw)
+
+    num_heads = tget("num_attention_heads")
     t = TextConfig(
-        vocab_size=_require(text, "vocab_size", "text_config"),
-        hidden_size=_require(text, "hidden_size", "text_config"),
-        intermediate_size=_require(text, "intermediate_size", "text_config"),
-        num_layers=_require(text, "num_hidden_layers", "text_config"),
-        num_heads=_require(text, "num_attention_heads", "text_config"),
-        num_kv_heads=text.get("num_key_value_heads", text.get("num_attention_heads")),
-        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope["rope_theta"]),
-        mrope_section=tuple(rope["mrope_section"]),
-        tie_word_embeddings=bool(tie),
+        vocab_size=tget("vocab_size"),
+        hidden_size=tget("hidden_size"),
+        intermediate_size=tget("intermediate_size"),
+        num_layers=tget("num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=tget("num_key_value_heads", default=num_heads, null_is_default=True),
+        rms_norm_eps=tget("rms_norm_eps", _positive_number, 1e-6),
+        rope_theta=rope_theta,
+        mrope_section=mrope,
+        tie_word_embeddings=tie,
     )
-    vrope = vis.get("rope_parameters") or {}
+
+    def vget(key, convert=POSITIVE, default=_MISSING, **kw):
+        return r.get(vis, key, f"vision_config.{key}", convert, default, where="vision_config", **kw)
+
+    vrope = r.obj(vis, "rope_parameters", "vision_config.rope_parameters")
+    vision_theta = r.get(vrope, "rope_theta", "vision_config.rope_parameters.rope_theta", _positive_number, 10000.0)
+    channels_key = "in_channels" if "in_channels" in vis or "in_chans" not in vis else "in_chans"
+    common = dict(
+        depth=vget("depth"),
+        num_heads=vget("num_heads"),
+        patch_size=vget("patch_size", default=14),
+        temporal_patch_size=vget("temporal_patch_size", default=2),
+        spatial_merge_size=vget("spatial_merge_size", default=2),
+        in_channels=vget(channels_key, default=3),
+        rope_theta=vision_theta,
+    )
     if model_type == "qwen2_5_vl":
-        _check(vis.get("hidden_act", "silu") == "silu", "Qwen2.5-VL vision hidden_act must be silu")
+        r.check(vis.get("hidden_act", "silu") == "silu", "Qwen2.5-VL vision hidden_act must be silu")
         v = VisionConfig(
-            kind="qwen2_5_vl",
-            depth=_require(vis, "depth", "vision_config"),
-            hidden_size=_require(vis, "hidden_size", "vision_config"),
-            num_heads=_require(vis, "num_heads", "vision_config"),
-            intermediate_size=_require(vis, "intermediate_size", "vision_config"),
-            out_hidden_size=vis.get("out_hidden_size", t.hidden_size),
-            patch_size=vis.get("patch_size", 14),
-            temporal_patch_size=vis.get("temporal_patch_size", 2),
-            spatial_merge_size=vis.get("spatial_merge_size", 2),
-            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
-            window_size=vis.get("window_size", 112),
-            fullatt_block_indexes=tuple(vis.get("fullatt_block_indexes", ())),
-            tokens_per_second=float(vis.get("tokens_per_second", 2)),
-            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            kind="qwen2_5_vl", **common,
+            hidden_size=vget("hidden_size"),
+            intermediate_size=vget("intermediate_size"),
+            out_hidden_size=vget("out_hidden_size", default=t.hidden_size),
+            window_size=vget("window_size", default=112),
+            fullatt_block_indexes=vget("fullatt_block_indexes", _int_list(0), ()),
+            tokens_per_second=vget("tokens_per_second", _positive_number, 2.0),
         )
     else:
-        _check(vis.get("hidden_act", "quick_gelu") == "quick_gelu", "Qwen2-VL vision hidden_act must be quick_gelu")
-        embed_dim = _require(vis, "embed_dim", "vision_config")
+        r.check(vis.get("hidden_act", "quick_gelu") == "quick_gelu", "Qwen2-VL vision hidden_act must be quick_gelu")
+        embed_dim = vget("embed_dim")
+        intermediate = int(embed_dim * vget("mlp_ratio", _positive_number, 4))
+        r.check(intermediate >= 1, f"vision_config.embed_dim x vision_config.mlp_ratio must be >= 1, got {intermediate}")
         v = VisionConfig(
-            kind="qwen2_vl",
-            depth=_require(vis, "depth", "vision_config"),
+            kind="qwen2_vl", **common,
             hidden_size=embed_dim,
-            num_heads=_require(vis, "num_heads", "vision_config"),
-            intermediate_size=int(embed_dim * vis.get("mlp_ratio", 4)),
-            out_hidden_size=vis.get("hidden_size", t.hidden_size),
-            patch_size=vis.get("patch_size", 14),
-            temporal_patch_size=vis.get("temporal_patch_size", 2),
-            spatial_merge_size=vis.get("spatial_merge_size", 2),
-            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+            intermediate_size=intermediate,
+            out_hidden_size=vget("hidden_size", default=t.hidden_size),
             window_size=None,
             tokens_per_second=None,
-            rope_theta=float(vrope.get("rope_theta", 10000.0)),
         )
-    return ModelConfig(
-        model_type=model_type, vision=v, text=t,
-        image_token_id=_require(cfg, "image_token_id", "the top level"),
-        video_token_id=_require(cfg, "video_token_id", "the top level"),
-        vision_start_token_id=cfg.get("vision_start_token_id", 151652),
-        vision_end_token_id=cfg.get("vision_end_token_id", 151653),
-    )
+
+    def token(key, default=_MISSING):
+        return r.get(cfg, key, key, NON_NEGATIVE, default)
+
+    ids = dict(image_token_id=token("image_token_id"), video_token_id=token("video_token_id"),
+               vision_start_token_id=token("vision_start_token_id", 151652),
+               vision_end_token_id=token("vision_end_token_id", 151653))
+    try:
+        return ModelConfig(model_type=model_type, vision=v, text=t, **ids)
+    except ConfigError as e:
+        r.fail(str(e))
 
 
 def _to_hf(c: ModelConfig) -> dict:

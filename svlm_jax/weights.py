@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -155,9 +156,14 @@ def _weight_files(path: Path) -> dict[str, Path]:
     index = path / SAFE_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            raw = json.loads(index.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index: expected an object with a "
+                                  f"\"weight_map\" object of tensor name -> file name in {path}")
         files = {name: path / fname for name, fname in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
@@ -234,12 +240,36 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
 
 
+def check_output_dir(path) -> Path:
+    """Make sure `path` is (or can be created as) a writable directory; CheckpointError naming it if not.
+    Cheap: call it before slow work whose result goes there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot write a checkpoint to {path}: it is an existing file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a parent is a file
+        raise CheckpointError(f"cannot create the checkpoint directory {path}: a part of the path is a file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot create the checkpoint directory {path}: {e.strerror or e}") from None
+    probe = path / f".svlm-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write to the checkpoint directory {path}: {e.strerror or e}") from None
+    return path
+
+
 def save_pretrained(model: Model, path, *, max_shard_size: int | str = "5GB") -> None:
     """Write config.json and safetensors (sharded above `max_shard_size`, with an index) that
-    transformers' Qwen2(.5)-VL `from_pretrained` loads without missing or unexpected keys."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    transformers' Qwen2(.5)-VL `from_pretrained` loads without missing or unexpected keys.
+
+    Each file is written under a temporary name and renamed once all are written, config.json last;
+    if writing fails (read-only or full file system) the partial files are removed, files already in
+    `path` are left as they were, and CheckpointError names the file."""
     limit = _parse_size(max_shard_size)
+    path = check_output_dir(path)
     slots = hf_slots(model.config)
     dtype = jnp.dtype(model.params.text.embed_vd.dtype)
     config = {**model.config.to_dict(), "dtype": str(dtype)}
@@ -252,19 +282,36 @@ def save_pretrained(model: Model, path, *, max_shard_size: int | str = "5GB") ->
             size = 0
         shards[-1].append(name)
         size += nbytes
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        fname = SAFE_SINGLE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name in shard:
-            slot = slots[name]
-            leaf = _leaf_get(model.params, slot.leaf)
-            array = np.asarray(leaf if slot.layer is None else leaf[slot.layer])
-            tensors[name] = to_hf(array, slot)
-            weight_map[name] = fname
-        save_file(tensors, str(path / fname), metadata={"format": "pt"})
-        del tensors
-    if len(shards) > 1:
-        total = sum(math.prod(s.hf_shape) * dtype.itemsize for s in slots.values())
-        (path / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    written: list[tuple[Path, Path]] = []  # (temporary, final)
+
+    def partial(fname: str) -> tuple[Path, Path]:
+        pair = (path / f".{fname}.partial", path / fname)
+        written.append(pair)
+        return pair
+
+    try:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fname = SAFE_SINGLE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in shard:
+                slot = slots[name]
+                leaf = _leaf_get(model.params, slot.leaf)
+                array = np.asarray(leaf if slot.layer is None else leaf[slot.layer])
+                tensors[name] = to_hf(array, slot)
+                weight_map[name] = fname
+            save_file(tensors, str(partial(fname)[0]), metadata={"format": "pt"})
+            del tensors
+        if len(shards) > 1:
+            total = sum(math.prod(s.hf_shape) * dtype.itemsize for s in slots.values())
+            partial(SAFE_INDEX)[0].write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        partial("config.json")[0].write_text(json.dumps(config, indent=2))
+        for tmp, final in written:
+            os.replace(tmp, final)
+    except (OSError, SafetensorError) as e:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        failed = written[-1][1] if written else path
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"cannot write {failed}: {reason}") from None

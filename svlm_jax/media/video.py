@@ -16,6 +16,7 @@ End of input:
 """
 
 import dataclasses
+import difflib
 import itertools
 import logging
 import os
@@ -83,8 +84,16 @@ class VideoReader:
         self.end_time: float | None = None
         self.unused_tail_s: float = 0.0
         is_path = isinstance(source, (str, os.PathLike)) and str(source) != "-" and not _is_url(str(source))
+        if format is not None and format not in av.formats_available:
+            close = difflib.get_close_matches(format, sorted(av.formats_available), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else " (`ffmpeg -formats` lists them)"
+            raise VideoError(f"{self.source_name}: unknown container format {format!r}{hint}")
         if is_path and format is None and not os.path.exists(source):
             raise VideoError(f"{self.source_name}: no such file")
+        if is_path and os.path.isdir(source):
+            raise VideoError(f"{self.source_name}: is a directory, not a video file")
+        if is_path and os.path.isfile(source) and os.path.getsize(source) == 0:
+            raise VideoError(f"{self.source_name}: the file is empty (0 bytes)")
         if isinstance(source, (str, os.PathLike)) and str(source) == "-":
             source = sys.stdin.buffer
         self._seekable = is_path or (not isinstance(source, (str, os.PathLike)) and _file_seekable(source))

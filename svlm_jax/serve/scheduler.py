@@ -107,7 +107,8 @@ class Server:
 
     def health(self) -> dict:
         with self._lock:
-            return {"model": self.model_name, "streams_active": len(self._streams),
+            # A released row counts until the engine thread has freed it: active = not free to join.
+            return {"model": self.model_name, "streams_active": self.session.batch - len(self._free),
                     "streams_max": self.session.batch, "frame_size": list(self.config.frame_size),
                     "fps": self.session.config.policy.fps, "rounds": self.rounds}
 

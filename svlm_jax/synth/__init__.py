@@ -16,9 +16,13 @@ from svlm_jax.synth.commentary import (
     summarize_scores,
 )
 from svlm_jax.synth.dataset import (
+    QUESTION,
     DatasetConfig,
     StreamSecond,
     StreamWindow,
+    qa_seconds,
+    score_answer,
+    scores_by_second,
     stream_seconds,
     stream_start,
     stream_window,
@@ -28,9 +32,9 @@ from svlm_jax.synth.render import RenderConfig, render_frame, render_second
 from svlm_jax.synth.world import Event, Match, MatchConfig, SecondRecord
 
 __all__ = [
-    "LONG_MEMORY_S", "Commentator", "DatasetConfig", "Event", "Fact", "Match", "MatchConfig", "RenderConfig",
+    "LONG_MEMORY_S", "Commentator", "DatasetConfig", "Event", "Fact", "Match", "MatchConfig", "QUESTION", "RenderConfig",
     "SecondRecord", "SecondScore", "SecondTruth", "StreamSecond", "StreamWindow", "Word",
-    "match_intro", "memory_ages", "parse_facts", "render_frame", "render_second", "score_commentary",
-    "score_consistency", "stream_seconds",
+    "match_intro", "memory_ages", "parse_facts", "qa_seconds", "render_frame", "render_second", "score_answer",
+    "score_commentary", "score_consistency", "scores_by_second", "stream_seconds",
     "stream_start", "stream_window", "summarize_scores", "write_dataset",
 ]

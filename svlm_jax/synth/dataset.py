@@ -17,6 +17,11 @@ Each stream is cut into consecutive clips of `clip_seconds`, one JSONL line each
   text_stream  [start, end, word] for every word whose end falls in [video_start, video_end),
                times on the same timeline (not relative to video_start)
   previous     the match's intro, then all commentary before video_start, as one text
+  qa_stream    only with `qa_rate` > 0: [time, time, question, answer] for the seconds of the clip
+               asked QUESTION (each second with probability qa_rate, seeded by the stream's seed),
+               time the second's start on the video's timeline; the answer is the commentary's own
+               score sentence for the score after that second (`score_answer`: "Score one to
+               zero."), which `svlm_jax.train.data` appends to that second's commentary
 """
 
 import dataclasses
@@ -29,12 +34,13 @@ from pathlib import Path
 import av
 import numpy as np
 
-from svlm_jax.synth.commentary import Commentator, SecondTruth, match_intro
+from svlm_jax.synth.commentary import Commentator, Fact, SecondTruth, fact_sentence, match_intro
 from svlm_jax.synth.render import RenderConfig, render_frame, render_second
 from svlm_jax.synth.world import Match, MatchConfig
 
 VIDEO_CODEC = "libx264"
 VIDEO_PIXEL_FORMAT = "yuv444p"
+QUESTION = "What is the score?"  # the question qa_stream asks
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,9 @@ class DatasetConfig:
     # play livelier than the matches a model is evaluated on, e.g. more goals per minute.
     pace: MatchConfig = field(default_factory=lambda: MatchConfig(seed=0))
     render: RenderConfig = field(default_factory=RenderConfig)
+    # Each second of a stream is asked QUESTION with this probability (0: no qa_stream entries, the
+    # samples are as without it); the answer is `score_answer` of the score after that second.
+    qa_rate: float = 0.0
 
     def match(self, seed: int) -> MatchConfig:
         return dataclasses.replace(self.pace, seed=seed)
@@ -143,6 +152,31 @@ def stream_start(config: DatasetConfig, seed: int) -> int:
     return 0 if rng.random() < config.kickoff_fraction else 60 * minute
 
 
+def score_answer(score: tuple[int, int]) -> str:
+    """The answer to QUESTION: the commentary's own score sentence ("Score one to zero.")."""
+    return fact_sentence(Fact("recap", "", score))
+
+
+def scores_by_second(truths: Iterable[SecondTruth]) -> list[tuple[int, int]]:
+    """For truths from a match's second 0, in order: the score after each second (0-0 before any
+    stated score; goals and recaps state it)."""
+    score, scores = (0, 0), []
+    for truth in truths:
+        for fact in truth.facts:
+            if fact.score is not None:
+                score = fact.score
+        scores.append(score)
+    return scores
+
+
+def qa_seconds(config: DatasetConfig, seed: int, seconds: int) -> list[int]:
+    """The seconds (from the stream's start) of stream `seed` asked QUESTION."""
+    if config.qa_rate <= 0:
+        return []
+    rng = np.random.default_rng([seed, 2])  # its own stream: the rest of the dataset is unchanged
+    return [int(k) for k in np.nonzero(rng.random(seconds) < config.qa_rate)[0]]
+
+
 def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
     """Write `config.streams` streams of `config.minutes` minutes; return the JSONL path."""
     out_dir = Path(out_dir)
@@ -171,5 +205,10 @@ def write_dataset(out_dir: Path, config: DatasetConfig) -> Path:
                                     for truth in truths[first + start:first + end] for a, b, word in truth.words],
                 }
                 sample["previous"] = " ".join([intro] + [truth.text for truth in truths[:first + start] if truth.words])
+                asked = [k for k in qa_seconds(config, seed, seconds) if start <= k < end]
+                if asked:
+                    scores = scores_by_second(truths[:first + end])
+                    sample["qa_stream"] = [[float(k), float(k), QUESTION, score_answer(scores[first + k])]
+                                           for k in asked]
                 jsonl.write(json.dumps(sample) + "\n")
     return jsonl_path

@@ -42,6 +42,7 @@ Relative paths are relative to the config file's folder.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -147,12 +148,30 @@ def parse_config(raw: dict, base_dir: Path, where: str = "config") -> TrainConfi
     def resolve(p: str) -> str:
         return str((base_dir / p).resolve()) if p else p
 
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, tokenizer=resolve(cfg.model.tokenizer),
                                   pretrained=resolve(cfg.model.pretrained)),
         data=dataclasses.replace(cfg.data, train=resolve(cfg.data.train)),
         train=dataclasses.replace(cfg.train, out_dir=resolve(cfg.train.out_dir)))
+    _check_out_dir(Path(resolved.train.out_dir), where)
+    return resolved
+
+
+def _check_out_dir(out: Path, where: str) -> None:
+    """train.out_dir must be a directory, or creatable in a writable one (checked before any work)."""
+    if not out.name:
+        raise TrainConfigError(f"{where}: train.out_dir must name a directory, got {str(out)!r}")
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"{where}: train.out_dir {out} is an existing file, not a directory")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainConfigError(f"{where}: train.out_dir {out} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainConfigError(f"{where}: train.out_dir {out} is not writable "
+                               f"({existing} is read-only or not ours to write)")
 
 
 def _parse_table(cls, raw, where: str):

@@ -139,32 +139,110 @@ class Chunk:
 
 # ---- samples ------------------------------------------------------------------------------------
 
+MAX_SAMPLE_SECONDS = 1_000_000  # ~11.6 days: a longer sample is a typo, not a stream
+_SAMPLE_FIELDS = ("video", "video_start", "video_end", "text_stream", "previous", "qa_stream")
+_REQUIRED_FIELDS = ("video", "video_start", "video_end", "text_stream")
+
+
 def read_samples(path: str | Path) -> list[Sample]:
-    """Samples of a JSONL file, validated; errors name the line and field."""
+    """Samples of a JSONL file, validated; errors name the file, the line and the field."""
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such samples file" if not path.exists() else f"{path}: is not a file")
     samples = []
-    with path.open(encoding="utf-8") as file:
-        for line_no, line in enumerate(file, 1):
-            if line.strip():
-                samples.append(_parse_sample(json.loads(line), path, line_no))
+    try:
+        with path.open("rb") as file:
+            for line_no, raw in enumerate(file, 1):
+                if raw.strip():
+                    samples.append(_parse_sample(_json_line(raw, path, line_no), path, line_no))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     if not samples:
-        raise DataError(f"{path}: no samples")
+        raise DataError(f"{path}: no samples (the file is empty)" if path.stat().st_size == 0
+                        else f"{path}: no samples")
     return samples
+
+
+def _json_line(raw: bytes, path: Path, line_no: int):
+    where = f"{path}:{line_no}"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text: {e}") from None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{where}: not valid JSON ({e}); each line must be one JSON object") from None
+
+
+def _shown(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value) -> float | None:
+    """A finite JSON number (not a boolean, not a string) as float, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except OverflowError:
+            return None
+        return value if math.isfinite(value) else None
+    return None
+
+
+def _entries(d: dict, field: str, where: str, kinds: tuple[str, ...], spelled: str) -> list[tuple]:
+    """A list of fixed-length entries of numbers ("n") and strings ("s")."""
+    value = d.get(field, [])
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {field} must be a list of {spelled}, got {_shown(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        ok = isinstance(entry, list) and len(entry) == len(kinds)
+        items = []
+        for kind, item in zip(kinds, entry) if ok else ():
+            converted = _number(item) if kind == "n" else item if isinstance(item, str) else None
+            if converted is None:
+                ok = False
+                break
+            items.append(converted)
+        if not ok:
+            raise DataError(f"{where}: {field}[{i}] must be {spelled}, got {_shown(entry)}")
+        out.append(tuple(items))
+    return out
 
 
 def _parse_sample(d: dict, path: Path, line_no: int) -> Sample:
     where = f"{path}:{line_no}"
-    known = {"video", "video_start", "video_end", "text_stream", "previous", "qa_stream"}
-    missing = [k for k in ("video", "video_start", "video_end", "text_stream") if k not in d]
-    if missing or set(d) - known:
-        raise DataError(f"{where}: missing fields {missing}, unknown fields {sorted(set(d) - known)}")
-    sample = Sample(video=path.parent / d["video"], video_start=float(d["video_start"]),
-                    video_end=float(d["video_end"]),
-                    words=tuple((float(s), float(e), str(w)) for s, e, w in d["text_stream"]),
-                    previous=str(d.get("previous", "")),
-                    qa=tuple((float(s), float(e), str(q), str(a)) for s, e, q, a in d.get("qa_stream", [])))
-    if sample.n_seconds < 1:
-        raise DataError(f"{where}: video_end - video_start must cover at least one second")
+    if not isinstance(d, dict):
+        raise DataError(f"{where}: a sample must be a JSON object, got {_shown(d)}")
+    missing = [k for k in _REQUIRED_FIELDS if k not in d]
+    unknown = sorted(set(d) - set(_SAMPLE_FIELDS))
+    if missing or unknown:
+        raise DataError(f"{where}: missing fields {missing}, unknown fields {unknown}")
+    video = d["video"]
+    if not isinstance(video, str) or not video.strip() or "\0" in video:
+        raise DataError(f"{where}: video must be a non-empty path string, got {_shown(video)}")
+    times = {}
+    for field in ("video_start", "video_end"):
+        times[field] = _number(d[field])
+        if times[field] is None or times[field] < 0:
+            raise DataError(f"{where}: {field} must be a non-negative number of seconds, got {_shown(d[field])}")
+    previous = d.get("previous", "")
+    if not isinstance(previous, str):
+        raise DataError(f"{where}: previous must be a string (omit it for none), got {_shown(previous)}")
+    words = _entries(d, "text_stream", where, ("n", "n", "s"), "[start, end, word] (two numbers and a string)")
+    qa = _entries(d, "qa_stream", where, ("n", "n", "s", "s"),
+                  "[start, end, question, answer] (two numbers and two strings)")
+    video_start, video_end = times["video_start"], times["video_end"]
+    if not 1 <= video_end - video_start <= MAX_SAMPLE_SECONDS:
+        raise DataError(f"{where}: video_end - video_start must cover at least one second "
+                        f"(and at most {MAX_SAMPLE_SECONDS}), got {video_start} .. {video_end}")
+    sample = Sample(video=path.parent / video, video_start=video_start, video_end=video_end,
+                    words=tuple(words), previous=previous, qa=tuple(qa))
     for name, times in (("text_stream", [w[1] for w in sample.words]), ("qa_stream", [q[1] for q in sample.qa])):
         bad = [t for t in times if not 0 <= sample.second_of(t) < sample.n_seconds]
         if bad:

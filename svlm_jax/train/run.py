@@ -37,6 +37,7 @@ from svlm_jax.tokenizer import Tokenizer
 from svlm_jax.train import data, sharding, step
 from svlm_jax.train.checkpoint import Checkpointer, abstract_params, restore_params
 from svlm_jax.train.config import TrainConfig, load_config
+from svlm_jax.weights import check_output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json",
                    "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja")
@@ -174,6 +175,7 @@ def main_export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     tokenizer files, loadable by transformers and `svlm_jax.load_pretrained`; returns the step.
     `dtype` converts the weights (default: the master dtype)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_output_dir(out_dir)  # before the slow restore
     raw = json.loads((run_dir / "model" / "config.json").read_text())
     model_cfg = ModelConfig.from_dict(raw)
     params, step_done = restore_params(run_dir / "checkpoints", abstract_params(model_cfg, raw["dtype"]), step)
