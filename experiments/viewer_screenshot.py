@@ -8,7 +8,6 @@ Needs Debian's chromium and chromium-driver and the selenium package (as tests/t
 
 import pathlib
 import sys
-import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))

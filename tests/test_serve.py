@@ -20,7 +20,6 @@ from svlm_jax import demo
 from svlm_jax.serve.app import create_app
 from svlm_jax.serve.protocol import Ask, ProtocolError, SecondAssembler, Start, Stop, decode_frame, parse_message
 from svlm_jax.serve.scheduler import ServeConfig, Server
-from svlm_jax.stream_format import CachePolicy
 from svlm_jax.streaming import StreamingSession
 from svlm_jax.synth import MatchConfig, RenderConfig, stream_seconds
 from svlm_jax.tokenizer import Tokenizer

@@ -92,9 +92,9 @@ class Server:
         for row in range(self.session.batch):
             self.session.leave(row)
         black = np.zeros((self.session.config.policy.fps, height, width, 3), np.uint8)
+        others = [None] * (self.session.batch - 1)
         self.session.join(0)
-        self.session.step_batch([black] + [None] * (self.session.batch - 1), [0.0] + [None] * (self.session.batch - 1),
-                                [1.0] + [None] * (self.session.batch - 1))
+        self.session.step_batch([black, *others], [0.0, *others], [1.0, *others])
         self.session.leave(0)
         self._thread.start()
 
