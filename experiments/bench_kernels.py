@@ -10,10 +10,11 @@ CPU check:    PYTHONPATH=. python experiments/bench_kernels.py --smoke --out /tm
 Each variant is jitted, its call repeated `reps` times inside one compiled loop (so microsecond
 decode calls are not drowned by dispatch), timed over many block_until_ready'd samples; we report
 the median per call, the achieved TFLOP/s (useful work: 4 * N * H per visible query-key pair, x3.5
-for forward+backward) and GB/s (q, k, v, out and key positions read/written once), each also as a
+for forward+backward) and GB/s (q, k, v and out read/written once), each also as a
 fraction of the card's measured ceilings (a large bf16 matmul, a large copy). Writes
 experiments/results/bench_kernels_<device>.json (or --out) with device, jax version, commit,
-configs and numbers. A variant that fails (out of memory, cuDNN unsupported, ...) records its error.
+configs and numbers, and the fastest forward variant of each config ("fastest_forward"). A variant
+that fails (out of memory, cuDNN unsupported, ...) records its error.
 """
 
 from __future__ import annotations
@@ -31,13 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import write_result
-from kernels_pallas import api, reference, rotary
-
-
-def rope_for(head_dim: int) -> rotary.RotarySpec:
-    """Qwen2.5-VL's M-RoPE ((16, 24, 24) of 64 frequency pairs at head_dim 128), scaled to head_dim."""
-    pairs = head_dim // 2
-    return rotary.RotarySpec(theta=1e6, mrope_section=(pairs // 4, 3 * pairs // 8, 3 * pairs // 8))
+from kernels_pallas import api, reference
 
 REFERENCE_MAX_LOGITS = 2_000_000_000  # dense f32 logits of the reference check: ~3 x 8 GB at most
 
@@ -45,8 +40,9 @@ REFERENCE_MAX_LOGITS = 2_000_000_000  # dense f32 logits of the reference check:
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One benchmark shape. kind: decode | prefill | vision | train. q: new queries (decode,
-    prefill) or tokens (vision, train); cache: cache slots of which `fill` hold keys (cached before
-    RoPE: decode and prefill need `rope`); window: vision window / train document length (tokens)."""
+    prefill) or tokens (vision, train); cache: cache slots of which `fill` hold keys (decode and
+    prefill: the streaming cache's layout [B*M, slots, H], keys already rotated); window: vision
+    window / train document length (tokens)."""
     name: str
     kind: str
     b: int
@@ -57,12 +53,11 @@ class Config:
     cache: int = 0
     fill: int = 0
     window: int = 0
-    rope: bool = False
 
 
 def full_configs():
     cache, fill = 13_312, 12_800  # a 7B streaming cache, nearly full
-    stream = dict(n=28, m=4, h=128, cache=cache, fill=fill, rope=True)
+    stream = dict(n=28, m=4, h=128, cache=cache, fill=fill)
     return ([Config(f"decode_b{b}", "decode", b=b, q=1, **stream) for b in (1, 16)]
             + [Config(f"prefill_q{q}_b{b}", "prefill", b=b, q=q, **stream) for q in (720, 1000) for b in (1, 4)]
             + [Config(f"vision_t{t}", "vision", b=1, q=t, n=16, m=16, h=80, window=64) for t in (2880, 11520)]
@@ -70,14 +65,14 @@ def full_configs():
 
 
 def smoke_configs():
-    return [Config("decode_smoke", "decode", b=2, q=1, n=4, m=2, h=32, cache=96, fill=80, rope=True),
-            Config("prefill_smoke", "prefill", b=1, q=24, n=4, m=2, h=32, cache=64, fill=50, rope=True),
+    return [Config("decode_smoke", "decode", b=2, q=1, n=4, m=2, h=32, cache=96, fill=80),
+            Config("prefill_smoke", "prefill", b=1, q=24, n=4, m=2, h=32, cache=64, fill=50),
             Config("vision_smoke", "vision", b=1, q=96, n=2, m=2, h=80, window=16),
             Config("train_smoke", "train", b=1, q=80, n=4, m=2, h=32, window=30)]
 
 
 def make_inputs(cfg: Config, dtype, rng):
-    """Arrays of one config: q, k, v [B, T, heads, H], ids, key positions (or None)."""
+    """Arrays of one config: q [B, T, N, H], k and v [B, T, M, H] (a cache: [B*M, T, H]), ids."""
     b, q = cfg.b, cfg.q
     if cfg.kind in ("decode", "prefill"):
         k = cfg.cache + q  # the cache, then the new tokens themselves
@@ -102,9 +97,20 @@ def make_inputs(cfg: Config, dtype, rng):
         v=jnp.asarray(rng.standard_normal((b, k, cfg.m, cfg.h)), dtype),
         q_segment=jnp.asarray(q_segment), kv_segment=jnp.asarray(kv_segment),
         q_order=None if q_order is None else jnp.asarray(q_order, jnp.int32),
-        kv_order=None if kv_order is None else jnp.asarray(kv_order, jnp.int32),
-        k_positions=jnp.asarray(rng.integers(0, 4000, (b, k, 3)), jnp.int32) if cfg.rope else None)
+        kv_order=None if kv_order is None else jnp.asarray(kv_order, jnp.int32))
+    if cfg.kind in ("decode", "prefill"):
+        as_cache = lambda x_btmh: x_btmh.transpose(0, 2, 1, 3).reshape(b * cfg.m, k, cfg.h)
+        arrays.update(k=as_cache(arrays["k"]), v=as_cache(arrays["v"]))
     return arrays
+
+
+def sequences(x, cfg: Config):
+    """k and v as sequences [B, T, M, H] (what jax.nn.dot_product_attention reads): a cache is
+    transposed, and the baselines' time includes it, as the engine's would."""
+    if cfg.kind in ("decode", "prefill"):
+        as_sequences = lambda x_ckh: x_ckh.reshape(cfg.b, cfg.m, *x_ckh.shape[1:]).transpose(0, 2, 1, 3)
+        return as_sequences(x["k"]), as_sequences(x["v"])
+    return x["k"], x["v"]
 
 
 def visible_pairs(x) -> int:
@@ -128,25 +134,22 @@ def dpa_mask(x):
 
 
 def variants(cfg: Config):
-    """name -> f(x) for this config; x is the dict of `make_inputs`. When the config caches keys
-    before RoPE, every variant's time includes rotating them (in XLA, as the Pallas path does too)."""
+    """name -> f(x) for this config; x is the dict of `make_inputs`: "pallas" (this package's
+    kernel), "api_xla" (the operation on its XLA backend, the jnp reference), and
+    jax.nn.dot_product_attention's "xla" and "cudnn" implementations."""
     ids = lambda x: (x["q_segment"], x["kv_segment"], x["q_order"], x["kv_order"])
-    rope = rope_for(cfg.h)
-    rotated = lambda x: rotary.rotate_keys(x["k"], x["k_positions"], rope) if cfg.rope else x["k"]
+    op = {"vision": lambda q, k, v, qs, ks, qo, ko, backend: api.segment_attention(q, k, v, qs, ks, backend=backend),
+          "train": api.causal_attention, "decode": api.cached_decode_attention,
+          "prefill": api.cached_prefill_attention}[cfg.kind]
 
-    def ours(x):
-        if cfg.kind == "vision":
-            return api.segment_attention(x["q"], x["k"], x["v"], x["q_segment"], x["kv_segment"], backend="pallas")
-        if cfg.kind == "train":
-            return api.causal_attention(x["q"], x["k"], x["v"], *ids(x), backend="pallas")
-        op = api.cached_decode_attention if cfg.kind == "decode" else api.cached_prefill_attention
-        return op(x["q"], x["k"], x["v"], *ids(x), k_positions_bk3=x["k_positions"], rope=rope, backend="pallas")
+    def ours(backend):
+        return lambda x: op(x["q"], x["k"], x["v"], *ids(x), backend=backend)
 
     def dpa(implementation):
-        return lambda x: jax.nn.dot_product_attention(x["q"], rotated(x), x["v"], mask=dpa_mask(x),
+        return lambda x: jax.nn.dot_product_attention(x["q"], *sequences(x, cfg), mask=dpa_mask(x),
                                                       implementation=implementation)
 
-    forward = {"pallas": ours, "xla": dpa("xla"), "cudnn": dpa("cudnn")}
+    forward = {"pallas": ours("pallas"), "api_xla": ours("xla"), "xla": dpa("xla"), "cudnn": dpa("cudnn")}
     if cfg.kind != "train":
         return forward
 
@@ -205,17 +208,15 @@ def bench_config(cfg: Config, dtype, peak: dict, reps: int, samples: int, rng) -
     pairs = visible_pairs(x)
     itemsize = jnp.dtype(dtype).itemsize
     io_bytes = (2 * x["q"].size + x["k"].size + x["v"].size) * itemsize
-    io_bytes += 0 if x["k_positions"] is None else x["k_positions"].size * 4
     flops_fwd = 4 * pairs * cfg.n * cfg.h
     row = {"config": dataclasses.asdict(cfg), "visible_pairs": pairs, "flops_fwd": flops_fwd, "io_bytes": io_bytes,
            "variants": {}}
     # Check forward variants against the reference where its dense logits fit in memory.
-    small = cfg.b * cfg.q * x["k"].shape[1] * cfg.n <= REFERENCE_MAX_LOGITS
+    small = cfg.b * cfg.q * x["kv_segment"].shape[1] * cfg.n <= REFERENCE_MAX_LOGITS
     expected = None
     if small:
-        expected = jax.jit(reference.attention, static_argnames="rope")(
-            x["q"], x["k"], x["v"], x["q_segment"], x["kv_segment"], x["q_order"], x["kv_order"],
-            k_positions_bk3=x["k_positions"], rope=rope_for(cfg.h) if cfg.rope else None)
+        expected = jax.jit(reference.attention)(x["q"], *sequences(x, cfg), x["q_segment"], x["kv_segment"],
+                                                x["q_order"], x["kv_order"])
     for name, f in variants(cfg).items():
         grad = name.endswith("_fwd_bwd")
         try:
@@ -237,6 +238,8 @@ def bench_config(cfg: Config, dtype, peak: dict, reps: int, samples: int, rng) -
         row["variants"][name] = result
         print(f"  {cfg.name:22s} {name:28s} {result['ms']:9.4f} ms {result['tflops']:8.2f} TFLOP/s "
               f"{result['gbps']:8.1f} GB/s  err {result.get('max_abs_err_vs_reference', float('nan')):.3g}", flush=True)
+    timed = {name: v["ms"] for name, v in row["variants"].items() if "ms" in v and not name.endswith("_fwd_bwd")}
+    row["fastest_forward"] = min(timed, key=timed.get) if timed else None
     return row
 
 

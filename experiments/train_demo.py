@@ -22,7 +22,8 @@ itself resumes from its latest checkpoint):
                 `--chat-steps N` adds N steps on the text in the chat format without frames
                 (`StreamFormat.flat_chunk` with no video tokens); measured to hurt (experiments/README.md), so off
   5. train      overlapped-chunk SFT (`svlm_jax.train.run.main_train`) on a generated TOML config
-  6. export     float32 HF checkpoint into svlm_jax/assets/demo_model/
+  6. export     float32 HF checkpoint into svlm_jax/assets/demo_model/, with its stream_config.json
+                (`demo.STREAM_DEFAULTS`)
   7. evaluate   stream the held-out seed `demo.DEMO_SEED` through StreamingSession as the demo does
                 and score it with the synth scorer, then the first minutes of HELD_OUT_SEEDS; score
                 copying teacher-forced, and on the text pretraining's held-out rows (what SFT kept
@@ -809,6 +810,7 @@ def main() -> None:
         qa_dir = make_qa_trained(work, out, args)
         shutil.rmtree(out)
         shutil.copytree(qa_dir, out)
+    demo.STREAM_DEFAULTS.save(out)  # how `svlm stream` and `svlm demo` stream it
     evaluation = {**evaluate(out, args.eval_seconds),
                   "held_out_seeds": evaluate_seeds(out, args.seeds_seconds),
                   "teacher_forced": teacher_forced_scores(out, teacher_forced_held_out(work)),

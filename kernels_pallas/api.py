@@ -1,12 +1,13 @@
 """Attention operations, each with an explicit backend; semantics and axes in `reference.attention`.
 
-Operations (ids are int arrays [B, Q] for queries and [B, K] for keys; outputs [B, Q, N, H]):
+Operations (ids are int arrays [B, Q] for queries and [B, K] for keys; outputs [B, Q, N, H]; keys and
+values [B, K, M, H] for sequences, [B*M, K, H] for a cache, row b * M + m = kv head m of stream b):
   * `causal_attention`: packed causal documents (segment ids, causal by order ids), as in training.
     Differentiable with every backend; its Pallas kernel is `flash_train` (forward and backward).
   * `segment_attention`: block-diagonal segments only, no causality (vision windows and frames);
     Pallas kernel `vision`.
-  * `cached_prefill_attention`: a chunk of queries against a cache of keys stored before RoPE (rotated
-    by `k_positions_bk3` with a `RotarySpec` first), causal by order ids; Pallas kernel `prefill`.
+  * `cached_prefill_attention`: a chunk of queries against a cache of (rotated) keys, causal by order
+    ids; Pallas kernel `prefill`.
   * `cached_decode_attention`: a few queries against that cache, order ids optional; Pallas kernel
     `decode` (flash-decoding: the cache is split over programs).
 The Pallas kernels other than `flash_train` have no gradient.
@@ -30,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import decode, flash_train, prefill, reference, vision
-from kernels_pallas.rotary import RotarySpec, rotate_keys
 
 Backend = Literal["auto", "pallas", "xla", "cudnn"]
 BACKENDS = get_args(Backend)
@@ -43,7 +43,7 @@ PALLAS_MAX_HEAD_DIM = 128
 # The decode kernel holds all rows (queries x query heads per kv head) of a kv head in one tile.
 DECODE_MAX_ROWS = 128
 
-__all__ = ["BACKENDS", "ENV_VAR", "OPERATIONS", "Backend", "RotarySpec", "cached_decode_attention",
+__all__ = ["BACKENDS", "ENV_VAR", "OPERATIONS", "Backend", "cached_decode_attention",
            "cached_prefill_attention", "causal_attention", "resolve_backend", "segment_attention"]
 
 
@@ -51,54 +51,55 @@ def causal_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_orde
                      scale=None, backend: Backend = "auto"):
     """Keys visible within equal segments (> 0) and at order <= the query's; differentiable."""
     return _dispatch("causal_attention", backend, flash_train.flash_attention, q_bqnh, k_bkmh, v_bkmh,
-                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale, rotation={})
+                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale)
 
 
 def segment_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, *, scale=None,
                       backend: Backend = "auto"):
     """Keys visible within equal segments (> 0), no causality."""
     return _dispatch("segment_attention", backend, vision.vision_attention, q_bqnh, k_bkmh, v_bkmh,
-                     (q_segment_bq, kv_segment_bk), scale=scale, rotation={})
+                     (q_segment_bq, kv_segment_bk), scale=scale)
 
 
-def cached_prefill_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk, *,
-                             k_positions_bk3, rope: RotarySpec, scale=None, backend: Backend = "auto"):
-    """Queries (already rotated) against keys cached before RoPE, rotated by their slot positions
-    [B, K, 3]; visible within equal segments (> 0) and at order <= the query's."""
-    return _dispatch("cached_prefill_attention", backend, prefill.prefill_attention, q_bqnh, k_bkmh, v_bkmh,
-                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale,
-                     rotation=dict(k_positions_bk3=k_positions_bk3, rope=rope))
+def cached_prefill_attention(q_bqnh, k_ckh, v_ckh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk, *,
+                             scale=None, backend: Backend = "auto"):
+    """A chunk of queries against a cache [B*M, K, H] (keys rotated by the caller); visible within
+    equal segments (> 0) and at order <= the query's."""
+    return _dispatch("cached_prefill_attention", backend, prefill.prefill_attention, q_bqnh, k_ckh, v_ckh,
+                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale)
 
 
-def cached_decode_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None,
-                            kv_order_bk=None, *, k_positions_bk3, rope: RotarySpec, scale=None,
-                            backend: Backend = "auto"):
+def cached_decode_attention(q_bqnh, k_ckh, v_ckh, q_segment_bq, kv_segment_bk, q_order_bq=None,
+                            kv_order_bk=None, *, scale=None, backend: Backend = "auto"):
     """`cached_prefill_attention` for a few queries (at most DECODE_MAX_ROWS rows for "pallas");
     without order ids every key of the query's segment is visible."""
-    return _dispatch("cached_decode_attention", backend, decode.decode_attention, q_bqnh, k_bkmh, v_bkmh,
-                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale,
-                     rotation=dict(k_positions_bk3=k_positions_bk3, rope=rope))
+    return _dispatch("cached_decode_attention", backend, decode.decode_attention, q_bqnh, k_ckh, v_ckh,
+                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale)
 
 
-def resolve_backend(op: str, backend: Backend, q_bqnh, k_bkmh, v_bkmh) -> str:
+CACHED = ("cached_prefill_attention", "cached_decode_attention")  # keys and values [B*M, K, H]
+
+
+def resolve_backend(op: str, backend: Backend, q_bqnh, k, v) -> str:
     """The backend ("pallas", "xla" or "cudnn") that serves `op` on arrays of these shapes and dtypes
-    (precedence in the module docstring); raises ValueError when the requested one cannot."""
+    (k, v in the operation's layout; precedence in the module docstring); raises ValueError when
+    the requested one cannot."""
     if op not in OPERATIONS:
         raise ValueError(f"unknown attention operation {op!r}; expected one of {OPERATIONS}")
     requested, source = _requested(backend)
-    pallas = _pallas_problem(op, q_bqnh, k_bkmh, v_bkmh)
+    pallas = _pallas_problem(op, q_bqnh, k, v)
     if requested == "auto":
         return "pallas" if jax.default_backend() == "gpu" and pallas is None else "xla"
-    problem = {"xla": None, "pallas": pallas, "cudnn": _cudnn_problem(q_bqnh, k_bkmh, v_bkmh)}[requested]
+    problem = {"xla": None, "pallas": pallas, "cudnn": _cudnn_problem(q_bqnh, k, v)}[requested]
     if problem is not None:
         raise ValueError(f"{op}: backend {requested!r}{source} cannot serve this call: {problem}; "
                          "use backend='xla' (the jnp reference) or 'auto'")
     return requested
 
 
-def _pallas_problem(op: str, q_bqnh, k_bkmh, v_bkmh) -> str | None:
+def _pallas_problem(op: str, q_bqnh, k, v) -> str | None:
     """Why the Pallas kernel of `op` does not support these arrays, or None when it does."""
-    dtypes = (q_bqnh.dtype, k_bkmh.dtype, v_bkmh.dtype)
+    dtypes = (q_bqnh.dtype, k.dtype, v.dtype)
     if len(set(dtypes)) > 1:
         return f"q, k and v have different dtypes {tuple(str(d) for d in dtypes)}"
     if q_bqnh.dtype not in PALLAS_DTYPES:
@@ -106,7 +107,7 @@ def _pallas_problem(op: str, q_bqnh, k_bkmh, v_bkmh) -> str | None:
     if q_bqnh.shape[-1] > PALLAS_MAX_HEAD_DIM:
         return f"head dim {q_bqnh.shape[-1]} is above {PALLAS_MAX_HEAD_DIM}"
     if op == "cached_decode_attention":
-        q, g = q_bqnh.shape[1], q_bqnh.shape[2] // k_bkmh.shape[2]
+        q, g = q_bqnh.shape[1], q_bqnh.shape[2] * q_bqnh.shape[0] // k.shape[0]
         if q * g > DECODE_MAX_ROWS:
             return (f"{q} queries x {g} query heads per kv head = {q * g} rows exceed the decode kernel's "
                     f"{DECODE_MAX_ROWS} (cached_prefill_attention serves query chunks)")
@@ -125,31 +126,35 @@ def _requested(backend: str) -> tuple[str, str]:
     return env, f" (from {ENV_VAR})"
 
 
-def _cudnn_problem(q_bqnh, k_bkmh, v_bkmh) -> str | None:
+def _cudnn_problem(q_bqnh, k, v) -> str | None:
     """Why jax.nn.dot_product_attention(implementation="cudnn") cannot serve these arrays, or None."""
     if jax.default_backend() != "gpu":
         return f"cuDNN needs an NVIDIA GPU (the platform is {jax.default_backend()!r})"
-    dtypes = (q_bqnh.dtype, k_bkmh.dtype, v_bkmh.dtype)
+    dtypes = (q_bqnh.dtype, k.dtype, v.dtype)
     if any(d not in (jnp.bfloat16, jnp.float16) for d in dtypes):
         return f"cuDNN supports bfloat16 and float16 only, not {tuple(str(d) for d in dtypes)}"
     return None
 
 
-def _dispatch(op: str, backend: Backend, pallas_kernel, q_bqnh, k_bkmh, v_bkmh, ids, *, scale, rotation):
+def _dispatch(op: str, backend: Backend, pallas_kernel, q_bqnh, k, v, ids, *, scale):
     """Runs `op` on the backend `resolve_backend` picks; ids are the segment (and order) ids."""
-    chosen = resolve_backend(op, backend, q_bqnh, k_bkmh, v_bkmh)
+    chosen = resolve_backend(op, backend, q_bqnh, k, v)
     if chosen == "pallas":
-        return pallas_kernel(q_bqnh, k_bkmh, v_bkmh, *ids, scale=scale, **rotation)
+        return pallas_kernel(q_bqnh, k, v, *ids, scale=scale)
+    if op in CACHED:
+        if chosen == "cudnn":  # cuDNN reads sequences [B, K, M, H]: the cache is transposed for it
+            b = q_bqnh.shape[0]
+            as_sequences = lambda x_ckh: x_ckh.reshape(b, -1, *x_ckh.shape[1:]).transpose(0, 2, 1, 3)
+            return _cudnn_attention(q_bqnh, as_sequences(k), as_sequences(v), *ids, scale=scale)
+        return reference.cached_attention(q_bqnh, k, v, *ids, scale=scale)
     if chosen == "cudnn":
-        return _cudnn_attention(q_bqnh, k_bkmh, v_bkmh, *ids, scale=scale, **rotation)
-    return reference.attention(q_bqnh, k_bkmh, v_bkmh, *ids, scale=scale, **rotation)
+        return _cudnn_attention(q_bqnh, k, v, *ids, scale=scale)
+    return reference.attention(q_bqnh, k, v, *ids, scale=scale)
 
 
 def _cudnn_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
-                     *, scale, k_positions_bk3=None, rope=None):
+                     *, scale):
     """jax.nn.dot_product_attention(implementation="cudnn") with the mask built from the ids."""
-    if rope is not None:
-        k_bkmh = rotate_keys(k_bkmh, k_positions_bk3, rope)
     mask_bqk = reference.attention_mask(q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk)
     out_bqnh = jax.nn.dot_product_attention(q_bqnh, k_bkmh, v_bkmh, mask=mask_bqk[:, None], scale=scale,
                                             implementation="cudnn")

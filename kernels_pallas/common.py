@@ -17,7 +17,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels_pallas import rotary
 
 # Finite "minus infinity" for masked logits: exp(NEG_INF - m) underflows to 0 and
 # NEG_INF - NEG_INF stays 0, so rows that have seen no key yet never produce NaNs.
@@ -207,22 +206,27 @@ def attend(state, q_rh, q_segment_r, q_order_r, refs, lo, hi, block_k: int, scal
     return lax.fori_loop(lo, hi, body, state)
 
 
-def prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, block_k: int):
-    """Pads keys to a multiple of block_k slots (segment 0: invisible) and the head dim. Returns the
-    `refs` operands of `attend`: (k, v, segment, order or None)."""
-    k_bkmh = pad_head(pad_to(k_bkmh, 1, block_k))
-    v_bkmh = pad_head(pad_to(v_bkmh, 1, block_k))
+def prepare_keys(k, v, kv_segment_bk, kv_order_bk, block_k: int):
+    """Pads keys to a multiple of block_k slots (segment 0: invisible) and the head dim. k and v are
+    sequences [B, K, M, H] or a cache [B*M, K, H] (`key_specs` says which); the slot axis is 1 in
+    both. Returns the `refs` operands of `attend`: (k, v, segment, order or None)."""
+    k = pad_head(pad_to(k, 1, block_k))
+    v = pad_head(pad_to(v, 1, block_k))
     kv_segment_bk = pad_to(kv_segment_bk.astype(jnp.int32), 1, block_k)
     kv_order_bk = None if kv_order_bk is None else pad_to(kv_order_bk.astype(jnp.int32), 1, block_k)
-    return k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk
+    return k, v, kv_segment_bk, kv_order_bk
 
 
-def key_specs(keys, kv_head):
-    """BlockSpecs for `prepare_keys` outputs: the whole key range of one (batch, kv head) per
-    program; `kv_head(*grid_idx)` says which kv head a program reads."""
-    k_bkmh, _, _, kv_order_bk = keys
-    _, kp, _, hp = k_bkmh.shape
-    kv_spec = pl.BlockSpec((None, kp, None, hp), lambda b, *idx: (b, 0, kv_head(*idx), 0))
+def key_specs(keys, kv_head, *, cache_heads: int | None = None):
+    """BlockSpecs for `prepare_keys` outputs: the whole key range [Kp, Hp] of one (batch, kv head)
+    per program; `kv_head(*grid_idx)` says which kv head a program reads. With `cache_heads` = M
+    the keys are a cache [B*M, Kp, Hp] (row b * M + m), else sequences [B, Kp, M, Hp]."""
+    _, _, kv_segment_bk, kv_order_bk = keys
+    kp, hp = kv_segment_bk.shape[1], keys[0].shape[-1]
+    if cache_heads:
+        kv_spec = pl.BlockSpec((None, kp, hp), lambda b, *idx: (b * cache_heads + kv_head(*idx), 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, kp, None, hp), lambda b, *idx: (b, 0, kv_head(*idx), 0))
     ids_spec = pl.BlockSpec((None, kp), lambda b, *idx: (b, 0))
     return kv_spec, kv_spec, ids_spec, None if kv_order_bk is None else ids_spec
 
@@ -237,22 +241,13 @@ def prepare_rows(q_bqnh, q_segment_bq, q_order_bq, m: int, block_r: int):
     return q_bmrh, q_segment_br, q_order_br
 
 
-def rotate_cached_keys(k_bkmh, k_positions_bk3, rope):
-    """Keys cached before RoPE, rotated by their slots' positions in XLA before a kernel reads them
-    (unchanged without `rope`). One fused elementwise pass over the keys: on an H100, rotating in
-    the kernels instead (cos / sin per loaded tile, again for every query block) made decode 10x
-    and prefill 15x slower than this (experiments/results/bench_kernels_nvidia_h100_80gb_hbm3.json)."""
-    return k_bkmh if rope is None else rotary.rotate_keys(k_bkmh, k_positions_bk3, rope)
-
-
-def check_args(q_bqnh, k_bkmh, q_order_bq, kv_order_bk, k_positions_bk3, rope, scale):
-    """Validates the shared arguments; returns (kv heads M, softmax scale)."""
+def check_args(q_bqnh, k, q_order_bq, kv_order_bk, scale, *, cache: bool = False):
+    """Validates the shared arguments (k sequences [B, K, M, H], or with `cache` [B*M, K, H]);
+    returns (kv heads M, softmax scale)."""
     n, h = q_bqnh.shape[2:]
-    m = k_bkmh.shape[2]
+    m = k.shape[0] // q_bqnh.shape[0] if cache else k.shape[2]
     if n % m:
         raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({m})")
     if (q_order_bq is None) != (kv_order_bk is None):
         raise ValueError("q_order_bq and kv_order_bk must be given together")
-    if (k_positions_bk3 is None) != (rope is None):
-        raise ValueError("k_positions_bk3 and rope must be given together")
     return m, (h ** -0.5 if scale is None else scale)

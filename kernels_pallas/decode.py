@@ -4,7 +4,6 @@ The live key range of each stream (`common.live_blocks`: empty cache slots are s
 into S parts; grid (batch, kv head, split), each program runs the online softmax of all rows of its
 kv head (query x head-in-group, `common.group_rows`: K/V are read once for the G heads, never
 repeated) over its part and writes the partial state; `common.merge_partials` combines the splits.
-Keys cached before RoPE are rotated first when positions are given (`common.rotate_cached_keys`).
 """
 
 from __future__ import annotations
@@ -39,21 +38,21 @@ def _kernel(q_ref, q_segment_ref, q_order_ref, lo_ref, hi_ref, *refs_and_outs, s
     acc_ref[...] = acc_rh
 
 
-def decode_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
-                     *, scale=None, k_positions_bk3=None, rope=None, block_k: int = 128,
+def decode_attention(q_bqnh, k_ckh, v_ckh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
+                     *, scale=None, block_k: int = 128,
                      splits: int | None = None, interpret: bool | None = None):
-    """`reference.attention` for a few queries [B, Q, N, H] against a cache; returns [B, Q, N, H].
+    """`reference.cached_attention` for a few queries [B, Q, N, H] against a cache [B*M, K, H];
+    returns [B, Q, N, H].
 
     `splits` (default: enough programs to fill the GPU) is how many parts the key range is cut into.
     """
-    m, scale = common.check_args(q_bqnh, k_bkmh, q_order_bq, kv_order_bk, k_positions_bk3, rope, scale)
+    m, scale = common.check_args(q_bqnh, k_ckh, q_order_bq, kv_order_bk, scale, cache=True)
     b, q, n, h = q_bqnh.shape
     rows = max(common.MIN_TILE, pl.next_power_of_2(q * (n // m)))
-    block_k = common.tile(k_bkmh.shape[1], block_k)
+    block_k = common.tile(k_ckh.shape[1], block_k)
     q_bmrh, q_segment_br, q_order_br = common.prepare_rows(q_bqnh, q_segment_bq, q_order_bq, m, rows)
-    k_bkmh = common.rotate_cached_keys(k_bkmh, k_positions_bk3, rope)
-    keys = common.prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, block_k)
-    num_blocks = keys[0].shape[1] // block_k
+    keys = common.prepare_keys(k_ckh, v_ckh, kv_segment_bk, kv_order_bk, block_k)
+    num_blocks = keys[2].shape[1] // block_k
     splits = splits or max(1, min(num_blocks, pl.cdiv(TARGET_PROGRAMS, b * m)))
     live_b1k = common.live_blocks(q_segment_br, keys[2], q_order_br, keys[3], rows, block_k)
     lo_b, hi_b = (x[:, 0] for x in common.block_bounds(live_b1k, axis=2))
@@ -67,7 +66,7 @@ def decode_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_orde
         functools.partial(_kernel, splits=splits, block_k=block_k, scale=scale),
         grid=(b, m, splits),
         in_specs=[row_spec, ids_spec, None if q_order_br is None else ids_spec, bound_spec, bound_spec,
-                  *common.key_specs(keys, kv_head=lambda m, s: m)],
+                  *common.key_specs(keys, kv_head=lambda m, s: m, cache_heads=m)],
         out_specs=[stat_spec, stat_spec,
                    pl.BlockSpec((None, None, None, rows, hp), lambda b, m, s: (b, m, s, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, m, splits, rows), jnp.float32),

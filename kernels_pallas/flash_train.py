@@ -150,7 +150,7 @@ _flash_rows.defvjp(_flash_rows_fwd, _flash_rows_bwd)
 def flash_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
                     *, scale=None, block_r: int = 64, block_k: int = 64, interpret: bool | None = None):
     """Differentiable `reference.attention` (without key rotation); [B, Q, N, H] -> [B, Q, N, H]."""
-    m, scale = common.check_args(q_bqnh, k_bkmh, q_order_bq, kv_order_bk, None, None, scale)
+    m, scale = common.check_args(q_bqnh, k_bkmh, q_order_bq, kv_order_bk, scale)
     b, q, n, h = q_bqnh.shape
     block_r = common.tile(q * (n // m), block_r)
     block_k = common.tile(k_bkmh.shape[1], block_k)

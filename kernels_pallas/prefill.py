@@ -2,9 +2,8 @@
 
 Queries are laid out as rows (query x head-in-group, `common.group_rows`) so every K/V tile that is
 loaded serves the G query heads of its kv head. Grid (batch, kv head, row block); each program runs
-the online softmax over its live key blocks only (`common.live_blocks`). Keys cached before RoPE
-are rotated first when positions are given (`common.rotate_cached_keys`). Also the forward of
-`flash_train`.
+the online softmax over its live key blocks only (`common.live_blocks`). Also the forward of
+`flash_train` (keys as sequences, [B, K, M, H]; a cache is [B*M, K, H]).
 """
 
 from __future__ import annotations
@@ -35,8 +34,9 @@ def tile_kernel(q_ref, q_segment_ref, q_order_ref, lo_ref, hi_ref, *refs_and_out
 
 
 def rows_attention(q_bmrh, q_segment_br, q_order_br, keys, *, scale: float, block_r: int,
-                   block_k: int, interpret: bool, with_lse: bool = False):
-    """Rows [B, M, R, Hp] (R a multiple of block_r) against `common.prepare_keys` output.
+                   block_k: int, interpret: bool, with_lse: bool = False, cache: bool = False):
+    """Rows [B, M, R, Hp] (R a multiple of block_r) against `common.prepare_keys` output of
+    sequences, or with `cache` of a cache [B*M, Kp, Hp].
 
     Returns out [B, M, R, Hp] in q's dtype, and with `with_lse` also log-sum-exp [B, M, R] (f32).
     """
@@ -55,7 +55,7 @@ def rows_attention(q_bmrh, q_segment_br, q_order_br, keys, *, scale: float, bloc
         functools.partial(tile_kernel, block_k=block_k, scale=scale),
         grid=(b, m, rows // block_r),
         in_specs=[row_spec, ids_spec, None if q_order_br is None else ids_spec, bound_spec, bound_spec,
-                  *common.key_specs(keys, kv_head=lambda m, i: m)],
+                  *common.key_specs(keys, kv_head=lambda m, i: m, cache_heads=m if cache else None)],
         out_specs=out_specs,
         out_shape=out_shape,
         name="svlm_prefill_attention",
@@ -64,17 +64,17 @@ def rows_attention(q_bmrh, q_segment_br, q_order_br, keys, *, scale: float, bloc
     return tuple(results) if with_lse else results[0]
 
 
-def prefill_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
-                      *, scale=None, k_positions_bk3=None, rope=None, block_r: int = 64, block_k: int = 64,
+def prefill_attention(q_bqnh, k_ckh, v_ckh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
+                      *, scale=None, block_r: int = 64, block_k: int = 64,
                       interpret: bool | None = None):
-    """`reference.attention` for a chunk of queries [B, Q, N, H]; returns [B, Q, N, H]."""
-    m, scale = common.check_args(q_bqnh, k_bkmh, q_order_bq, kv_order_bk, k_positions_bk3, rope, scale)
+    """`reference.cached_attention` for a chunk of queries [B, Q, N, H] against a cache [B*M, K, H];
+    returns [B, Q, N, H]."""
+    m, scale = common.check_args(q_bqnh, k_ckh, q_order_bq, kv_order_bk, scale, cache=True)
     b, q, n, h = q_bqnh.shape
     block_r = common.tile(q * (n // m), block_r)
-    block_k = common.tile(k_bkmh.shape[1], block_k)
+    block_k = common.tile(k_ckh.shape[1], block_k)
     q_bmrh, q_segment_br, q_order_br = common.prepare_rows(q_bqnh, q_segment_bq, q_order_bq, m, block_r)
-    k_bkmh = common.rotate_cached_keys(k_bkmh, k_positions_bk3, rope)
-    keys = common.prepare_keys(k_bkmh, v_bkmh, kv_segment_bk, kv_order_bk, block_k)
+    keys = common.prepare_keys(k_ckh, v_ckh, kv_segment_bk, kv_order_bk, block_k)
     out_bmrh = rows_attention(q_bmrh, q_segment_br, q_order_br, keys, scale=scale, block_r=block_r,
-                              block_k=block_k, interpret=common.use_interpret(interpret))
+                              block_k=block_k, interpret=common.use_interpret(interpret), cache=True)
     return common.ungroup_rows(common.unpad_head(out_bmrh, h), q, n)

@@ -8,17 +8,12 @@ Masking is described by data, never by a dense mask argument, so kernels can ski
   * and, when order ids are given, `kv_order <= q_order` (causality in logical order, which
     with M-RoPE is not the rotary position).
 Segment 0 marks padding / empty cache slots. A query that sees no key gets a zero output.
-
-Keys may be cached before rotary embedding: given `k_positions_bk3` (M-RoPE positions t, h, w of
-each key slot) and a `rotary.RotarySpec`, keys are rotated by their slot positions before the dot
-product (`rotary.rotate_keys`).
+Rotary embedding is the caller's: queries and keys arrive rotated.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
-
-from kernels_pallas.rotary import RotarySpec, rotate_keys
 
 
 def attention_mask(q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None):
@@ -30,32 +25,41 @@ def attention_mask(q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=Non
 
 
 def attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
-              *, scale=None, k_positions_bk3=None, rope: RotarySpec | None = None):
-    """Grouped-query attention with segment/causal masking; softmax in float32.
-
-    Returns [B, Q, N, H] in the dtype of `q_bqnh`; rows that see no key are zero. With
-    `k_positions_bk3` and `rope`, keys are rotated by their positions first (`rotate_keys`).
+              *, scale=None):
+    """Grouped-query attention with segment/causal masking over sequences (keys [B, K, M, H]);
+    softmax in float32. Returns [B, Q, N, H] in the dtype of `q_bqnh`; rows that see no key are zero.
     """
-    if (k_positions_bk3 is None) != (rope is None):
-        raise ValueError("k_positions_bk3 and rope must be given together")
-    if rope is not None:
-        k_bkmh = rotate_keys(k_bkmh, k_positions_bk3, rope)
+    b, k, m, h = k_bkmh.shape
+    as_cache = lambda x_bkmh: x_bkmh.transpose(0, 2, 1, 3).reshape(b * m, k, h)
+    return cached_attention(q_bqnh, as_cache(k_bkmh), as_cache(v_bkmh), q_segment_bq, kv_segment_bk, q_order_bq,
+                            kv_order_bk, scale=scale)
+
+
+def cached_attention(q_bqnh, k_ckh, v_ckh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None,
+                     *, scale=None):
+    """`attention` against a cache [C = B*M, K, H] (row b * M + m: kv head m of stream b): the
+    layout both dots read with one batch axis and no transpose (a few queries against a long cache
+    is all memory traffic)."""
     b, q, n, h = q_bqnh.shape
-    m = k_bkmh.shape[2]
-    if n % m:
-        raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({m})")
+    c, k = k_ckh.shape[:2]
+    m = c // b
+    if c % b or n % m:
+        raise ValueError(f"cache rows ({c}) must be streams ({b}) x kv heads, and query heads ({n}) a multiple of those")
+    g = n // m
     scale = h ** -0.5 if scale is None else scale
-    q_bqmgh = q_bqnh.reshape(b, q, m, n // m, h)
-    logits_bmgqk = jnp.einsum("BQMGH,BKMH->BMGQK", q_bqmgh, k_bkmh,
-                              preferred_element_type=jnp.float32) * scale
+    # Row r = g * Q + q of cache row (b, m) is query q, head m * G + g.
+    q_crh = q_bqnh.reshape(b, q, m, g, h).transpose(0, 2, 3, 1, 4).reshape(c, g * q, h)
+    logits_crk = jnp.einsum("CRH,CKH->CRK", q_crh, k_ckh, preferred_element_type=jnp.float32) * scale
     mask_bqk = attention_mask(q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk)
-    mask_b11qk = mask_bqk[:, None, None]
-    logits_bmgqk = jnp.where(mask_b11qk, logits_bmgqk, -jnp.inf)
-    row_max = jnp.max(logits_bmgqk, axis=-1, keepdims=True)
+    mask_crk = jnp.broadcast_to(mask_bqk[:, None, None], (b, m, g, q, k)).reshape(c, g * q, k)
+    logits_crk = jnp.where(mask_crk, logits_crk, -jnp.inf)
+    row_max = jnp.max(logits_crk, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.where(mask_b11qk, jnp.exp(logits_bmgqk - row_max), 0.0)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs_bmgqk = weights / jnp.where(denom > 0, denom, 1.0)
-    out_bqmgh = jnp.einsum("BMGQK,BKMH->BQMGH", probs_bmgqk.astype(v_bkmh.dtype), v_bkmh,
-                           preferred_element_type=jnp.float32)
-    return out_bqmgh.reshape(b, q, n, h).astype(q_bqnh.dtype)
+    weights_crk = jnp.where(mask_crk, jnp.exp(logits_crk - row_max), 0.0)
+    denom_cr1 = jnp.sum(weights_crk, axis=-1, keepdims=True)
+    # v first: XLA then contracts the cache's slot axis in place instead of transposing the cache.
+    # Normalised after the product: one pass less over the [rows, slots] weights.
+    out_crh = jnp.einsum("CKH,CRK->CRH", v_ckh, weights_crk.astype(v_ckh.dtype), preferred_element_type=jnp.float32)
+    out_crh = out_crh / jnp.where(denom_cr1 > 0, denom_cr1, 1.0)
+    out_bqnh = out_crh.reshape(b, m, g, q, h).transpose(0, 3, 1, 2, 4).reshape(b, q, n, h)
+    return out_bqnh.astype(q_bqnh.dtype)

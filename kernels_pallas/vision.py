@@ -20,7 +20,7 @@ from kernels_pallas.prefill import tile_kernel
 def vision_attention(q_btnh, k_btmh, v_btmh, q_segment_bt, kv_segment_bt, *, scale=None, block_q: int = 64,
                      block_k: int = 64, interpret: bool | None = None):
     """`reference.attention` without order ids; [B, T, N, H] queries, [B, S, M, H] keys -> [B, T, N, H]."""
-    m, scale = common.check_args(q_btnh, k_btmh, None, None, None, None, scale)
+    m, scale = common.check_args(q_btnh, k_btmh, None, None, scale)
     b, t, n, h = q_btnh.shape
     g = n // m
     block_q = common.tile(t, block_q)

@@ -2,6 +2,11 @@
 
 Both the legacy hub layout (text keys at the top level, `rope_scaling`) and the transformers 5
 layout (`text_config`, `rope_parameters`) are read; transformers 5's layout is written.
+
+Three families share one code path: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense). `model_type` names
+the family; what differs is spelled out as fields that the model code reads (the vision tower's
+`kind`, activation, learned position table and DeepStack levels; the text layers' q/k/v bias,
+q/k norm and M-RoPE layout), each set once per family by `_from_hf` and the presets.
 """
 
 from __future__ import annotations
@@ -13,7 +18,12 @@ from pathlib import Path
 
 from svlm_jax.model.rope import RESUME_RULES
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+# Activations of the vision MLP (HF's `hidden_act` names); the gated MLP of Qwen2.5-VL uses silu.
+VISION_ACTIVATIONS = ("silu", "quick_gelu", "gelu_pytorch_tanh", "gelu")
+_DEFAULT_VISION_ACTIVATION = {"qwen2_5_vl": "silu", "qwen2_vl": "quick_gelu", "qwen3_vl": "gelu_pytorch_tanh"}
+# What makes a text model Qwen3's: its layers and M-RoPE layout (`_from_hf` and the presets).
+QWEN3_TEXT_LAYERS = dict(qkv_bias=False, qk_norm=True, mrope_interleaved=True)
 
 
 class ConfigError(ValueError):
@@ -22,8 +32,9 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The vision tower. `kind` selects Qwen2.5-VL (RMSNorm, SwiGLU, window attention) or Qwen2-VL
-    (LayerNorm, QuickGELU MLP, full attention everywhere)."""
+    """The vision tower. `kind` selects Qwen2.5-VL (RMSNorm, SwiGLU, window attention), Qwen2-VL
+    (LayerNorm, fc1-act-fc2 MLP, full attention per frame) or Qwen3-VL (Qwen2-VL's blocks with a
+    patch bias, a learned position table resampled to each grid and DeepStack mergers)."""
 
     kind: str
     depth: int
@@ -40,10 +51,36 @@ class VisionConfig:
     tokens_per_second: float | None = 2.0  # Qwen2.5-VL video time scale; None for Qwen2-VL
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    hidden_act: str | None = None  # the MLP's activation; None: the kind's (silu, quick_gelu, gelu_pytorch_tanh)
+    # Qwen3-VL: rows of the learned position table (a square grid, bilinearly resampled to each
+    # image's patch grid); None: no learned positions.
+    num_position_embeddings: int | None = None
+    # Qwen3-VL: blocks whose output feeds a DeepStack merger (block deepstack_visual_indexes[k] feeds
+    # merger k); the j-th of these blocks in depth order is added to the LM's hidden states after LM
+    # layer j, at the vision tokens.
+    deepstack_visual_indexes: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        _check(self.kind in _DEFAULT_VISION_ACTIVATION,
+               f"vision kind {self.kind!r} is not one of {', '.join(_DEFAULT_VISION_ACTIVATION)}")
+        if self.hidden_act is None:
+            object.__setattr__(self, "hidden_act", _DEFAULT_VISION_ACTIVATION[self.kind])
+        _check(self.hidden_act in VISION_ACTIVATIONS,
+               f"vision hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(VISION_ACTIVATIONS)}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def patch_bias(self) -> bool:
+        """Whether the patch embedding has a bias (Qwen3-VL's Conv3d does)."""
+        return self.kind == "qwen3_vl"
+
+    @property
+    def position_grid_side(self) -> int:
+        """Side of the square learned position grid (48 for 2304 rows); 0 without one."""
+        return math.isqrt(self.num_position_embeddings) if self.num_position_embeddings else 0
 
     @property
     def patch_dim(self) -> int:
@@ -69,7 +106,8 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The Qwen2 language model."""
+    """The language model: Qwen2 layers (q/k/v bias), or Qwen3 layers (`qk_norm`: RMSNorm of each
+    query and key head before rotary, no bias) with M-RoPE frequencies interleaved over t, h, w."""
 
     vocab_size: int
     hidden_size: int
@@ -81,10 +119,16 @@ class TextConfig:
     rope_theta: float = 1_000_000.0
     mrope_section: tuple[int, ...] = (16, 24, 24)
     tie_word_embeddings: bool = False
+    head_dim: int | None = None  # None: hidden_size // num_heads (Qwen3 gives it explicitly)
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    mrope_interleaved: bool = False  # see rope.mrope_axis
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def __post_init__(self):
+        if self.head_dim is None:
+            _check(self.hidden_size % self.num_heads == 0,
+                   "text hidden_size must be divisible by num_attention_heads (or head_dim given)")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +148,7 @@ class ModelConfig:
                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         _check(self.resume_rule in RESUME_RULES, f"resume_rule must be one of {RESUME_RULES}")
         t, v = self.text, self.vision
-        _check(t.hidden_size % t.num_heads == 0, "text hidden_size must be divisible by num_attention_heads")
+        _check(v.kind == self.model_type, f"vision kind {v.kind!r} does not match model_type {self.model_type!r}")
         _check(t.num_heads % t.num_kv_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads")
         _check(2 * sum(t.mrope_section) == t.head_dim,
                f"mrope_section {list(t.mrope_section)} must sum to head_dim/2 = {t.head_dim // 2}")
@@ -117,6 +161,11 @@ class ModelConfig:
         if v.windowed:
             _check(v.window_size % (v.spatial_merge_size * v.patch_size) == 0,
                    "vision window_size must be a multiple of spatial_merge_size * patch_size")
+        ds = v.deepstack_visual_indexes
+        _check(all(0 <= i < v.depth for i in ds) and len(set(ds)) == len(ds),
+               f"deepstack_visual_indexes {list(ds)} must be distinct blocks of the {v.depth}-block vision tower")
+        _check(len(ds) <= t.num_layers,
+               f"{len(ds)} deepstack_visual_indexes feed more LM layers than the {t.num_layers} there are")
         ids = (self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)
         _check(all(0 <= i < t.vocab_size for i in ids), f"special token ids {ids} must lie inside vocab_size {t.vocab_size}")
 
@@ -146,6 +195,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return _to_hf(self)
+
+    @property
+    def frame_blocks(self) -> bool:
+        """Whether each temporal patch of a video is a vision block of its own, its time given as text
+        before it (Qwen3-VL: "<t seconds>"); else a video is one block, its time on the M-RoPE t axis."""
+        return self.model_type == "qwen3_vl"
 
 
 def _check(cond: bool, msg: str):
@@ -227,6 +282,13 @@ class _Reader:
         if not cond:
             self.fail(message)
 
+    def build(self, cls, **fields):
+        """cls(**fields), its validation errors naming this file."""
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            self.fail(str(e))
+
     def get(self, d: dict, key: str, path: str, convert, default=_MISSING, *, where: str = "", null_is_default=False):
         if key not in d or (null_is_default and d[key] is None and default is not _MISSING):
             if default is _MISSING:
@@ -269,15 +331,19 @@ def _from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         return f"text_config.{key}" if key in text_cfg else key
 
     vis = r.obj(cfg, "vision_config", "vision_config", required=True)
+    qwen3 = model_type == "qwen3_vl"
     rope = dict(r.obj(text, "rope_parameters", tp("rope_parameters")))
     legacy_rope = r.obj(text, "rope_scaling", tp("rope_scaling"))
     rope_path = tp("rope_parameters") if "mrope_section" in rope else tp("rope_scaling")
     mrope = r.get({**legacy_rope, **rope}, "mrope_section", f"{rope_path}.mrope_section", _int_list(0, 3),
-                  (16, 24, 24))
+                  (24, 20, 20) if qwen3 else (16, 24, 24))
+    if qwen3:  # typed, but transformers' Qwen3-VL interleaves whatever this flag says, and so do we
+        r.get({**legacy_rope, **rope}, "mrope_interleaved", f"{rope_path}.mrope_interleaved", _bool, True)
     if "rope_theta" in rope:
         rope_theta = r.get(rope, "rope_theta", f"{tp('rope_parameters')}.rope_theta", _positive_number)
     else:
-        rope_theta = r.get(text, "rope_theta", tp("rope_theta"), _positive_number, 1_000_000.0)
+        rope_theta = r.get(text, "rope_theta", tp("rope_theta"), _positive_number,
+                           500_000.0 if qwen3 else 1_000_000.0)
     rope_type = rope.get("rope_type", legacy_rope.get("rope_type", legacy_rope.get("type", "default")))
     r.check(rope_type in ("default", "mrope"), f"rope type {rope_type!r} is not supported (only default M-RoPE)")
     sliding = r.get(text, "use_sliding_window", tp("use_sliding_window"), _bool, False, null_is_default=True)
@@ -290,7 +356,13 @@ def _from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         return r.get(text, key, tp(key), convert, default, where="text_config", **kw)
 
     num_heads = tget("num_attention_heads")
-    t = TextConfig(
+    qwen3_layers = {}
+    if qwen3:
+        bias = tget("attention_bias", _bool, False, null_is_default=True)
+        r.check(not bias, f"{tp('attention_bias')}=true is not supported for Qwen3-VL")
+        qwen3_layers = dict(head_dim=tget("head_dim", default=128, null_is_default=True), **QWEN3_TEXT_LAYERS)
+    t = r.build(
+        TextConfig,
         vocab_size=tget("vocab_size"),
         hidden_size=tget("hidden_size"),
         intermediate_size=tget("intermediate_size"),
@@ -301,6 +373,7 @@ def _from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         rope_theta=rope_theta,
         mrope_section=mrope,
         tie_word_embeddings=tie,
+        **qwen3_layers,
     )
 
     def vget(key, convert=POSITIVE, default=_MISSING, **kw):
@@ -312,29 +385,46 @@ def _from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     common = dict(
         depth=vget("depth"),
         num_heads=vget("num_heads"),
-        patch_size=vget("patch_size", default=14),
+        patch_size=vget("patch_size", default=16 if qwen3 else 14),
         temporal_patch_size=vget("temporal_patch_size", default=2),
         spatial_merge_size=vget("spatial_merge_size", default=2),
         in_channels=vget(channels_key, default=3),
         rope_theta=vision_theta,
     )
+
+    def widths():  # Qwen2.5-VL's and Qwen3-VL's names (Qwen2-VL has embed_dim and mlp_ratio)
+        return dict(hidden_size=vget("hidden_size"), intermediate_size=vget("intermediate_size"),
+                    out_hidden_size=vget("out_hidden_size", default=t.hidden_size))
+
     if model_type == "qwen2_5_vl":
         r.check(vis.get("hidden_act", "silu") == "silu", "Qwen2.5-VL vision hidden_act must be silu")
-        v = VisionConfig(
-            kind="qwen2_5_vl", **common,
-            hidden_size=vget("hidden_size"),
-            intermediate_size=vget("intermediate_size"),
-            out_hidden_size=vget("out_hidden_size", default=t.hidden_size),
+        v = r.build(
+            VisionConfig,
+            kind="qwen2_5_vl", **common, **widths(),
             window_size=vget("window_size", default=112),
             fullatt_block_indexes=vget("fullatt_block_indexes", _int_list(0), ()),
             tokens_per_second=vget("tokens_per_second", _positive_number, 2.0),
+        )
+    elif qwen3:
+        act = vis.get("hidden_act", "gelu_pytorch_tanh")
+        r.check(act in VISION_ACTIVATIONS, f"vision_config.hidden_act must be one of "
+                                           f"{', '.join(VISION_ACTIVATIONS)}, got {_shown(act)}")
+        v = r.build(
+            VisionConfig,
+            kind="qwen3_vl", **common, **widths(),
+            window_size=None,
+            tokens_per_second=None,
+            hidden_act=act,
+            num_position_embeddings=vget("num_position_embeddings", default=2304),
+            deepstack_visual_indexes=vget("deepstack_visual_indexes", _int_list(0), (8, 16, 24)),
         )
     else:
         r.check(vis.get("hidden_act", "quick_gelu") == "quick_gelu", "Qwen2-VL vision hidden_act must be quick_gelu")
         embed_dim = vget("embed_dim")
         intermediate = int(embed_dim * vget("mlp_ratio", _positive_number, 4))
         r.check(intermediate >= 1, f"vision_config.embed_dim x vision_config.mlp_ratio must be >= 1, got {intermediate}")
-        v = VisionConfig(
+        v = r.build(
+            VisionConfig,
             kind="qwen2_vl", **common,
             hidden_size=embed_dim,
             intermediate_size=intermediate,
@@ -349,15 +439,13 @@ def _from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     ids = dict(image_token_id=token("image_token_id"), video_token_id=token("video_token_id"),
                vision_start_token_id=token("vision_start_token_id", 151652),
                vision_end_token_id=token("vision_end_token_id", 151653))
-    try:
-        return ModelConfig(model_type=model_type, vision=v, text=t, **ids)
-    except ConfigError as e:
-        r.fail(str(e))
+    return r.build(ModelConfig, model_type=model_type, vision=v, text=t, **ids)
 
 
 def _to_hf(c: ModelConfig) -> dict:
     t, v = c.text, c.vision
-    arch = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+    arch = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+            "qwen3_vl": "Qwen3VLForConditionalGeneration"}
     text = {
         "model_type": f"{c.model_type}_text",
         "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
@@ -367,6 +455,9 @@ def _to_hf(c: ModelConfig) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
                             "mrope_section": list(t.mrope_section)},
     }
+    if c.model_type == "qwen3_vl":
+        text.update(head_dim=t.head_dim, attention_bias=False)
+        text["rope_parameters"]["mrope_interleaved"] = True
     common = {"depth": v.depth, "num_heads": v.num_heads, "patch_size": v.patch_size,
               "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
               "in_channels": v.in_channels,
@@ -377,6 +468,11 @@ def _to_hf(c: ModelConfig) -> dict:
                   "hidden_act": "silu", "window_size": v.window_size,
                   "fullatt_block_indexes": list(v.fullatt_block_indexes),
                   "tokens_per_second": _number(v.tokens_per_second)}
+    elif c.model_type == "qwen3_vl":
+        vision = {**common, "model_type": "qwen3_vl_vision", "hidden_size": v.hidden_size,
+                  "intermediate_size": v.intermediate_size, "out_hidden_size": v.out_hidden_size,
+                  "hidden_act": v.hidden_act, "num_position_embeddings": v.num_position_embeddings,
+                  "deepstack_visual_indexes": list(v.deepstack_visual_indexes)}
     else:
         vision = {**common, "model_type": "qwen2_vl_vision", "embed_dim": v.hidden_size,
                   "mlp_ratio": _number(v.intermediate_size / v.hidden_size), "hidden_size": v.out_hidden_size,
@@ -416,11 +512,30 @@ def _qwen2(hidden, inter, layers, heads, kv, vocab, tie) -> ModelConfig:
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 
+def _qwen3(hidden, inter, layers, heads, kv, tie, vision_depth, vision_hidden, vision_inter, deepstack) -> ModelConfig:
+    return ModelConfig(
+        model_type="qwen3_vl",
+        vision=VisionConfig(kind="qwen3_vl", depth=vision_depth, hidden_size=vision_hidden, num_heads=16,
+                            intermediate_size=vision_inter, out_hidden_size=hidden, patch_size=16,
+                            window_size=None, tokens_per_second=None, num_position_embeddings=2304,
+                            deepstack_visual_indexes=deepstack),
+        text=TextConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                        num_heads=heads, num_kv_heads=kv, head_dim=128, rope_theta=5_000_000.0,
+                        mrope_section=(24, 20, 20), tie_word_embeddings=tie, **QWEN3_TEXT_LAYERS),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
 def tiny(model_type: str = "qwen2_5_vl", *, vocab_size: int = 512, tie_word_embeddings: bool = False) -> ModelConfig:
     """A few-hundred-kB model for tests and the bundled demo; special tokens at the top of the vocab."""
+    text_family = {}
     if model_type == "qwen2_5_vl":
         vision = VisionConfig(kind="qwen2_5_vl", depth=4, hidden_size=32, num_heads=2, intermediate_size=48,
                               out_hidden_size=64, fullatt_block_indexes=(1, 3))
+    elif model_type == "qwen3_vl":
+        vision = VisionConfig(kind="qwen3_vl", depth=3, hidden_size=32, num_heads=2, intermediate_size=64,
+                              out_hidden_size=64, patch_size=16, window_size=None, tokens_per_second=None,
+                              num_position_embeddings=64, deepstack_visual_indexes=(0, 1))
+        text_family = dict(head_dim=16, **QWEN3_TEXT_LAYERS)
     else:
         vision = VisionConfig(kind="qwen2_vl", depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
                               out_hidden_size=64, window_size=None, tokens_per_second=None)
@@ -428,7 +543,7 @@ def tiny(model_type: str = "qwen2_5_vl", *, vocab_size: int = 512, tie_word_embe
         model_type=model_type, vision=vision,
         text=TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3),
-                        tie_word_embeddings=tie_word_embeddings),
+                        tie_word_embeddings=tie_word_embeddings, **text_family),
         image_token_id=vocab_size - 3, video_token_id=vocab_size - 2,
         vision_start_token_id=vocab_size - 5, vision_end_token_id=vocab_size - 4)
 
@@ -440,8 +555,13 @@ PRESETS = {
     "qwen2.5-vl-72b": _qwen25(8192, 29568, 80, 64, 8, 152064, False, 3456),
     "qwen2-vl-2b": _qwen2(1536, 8960, 28, 12, 2, 151936, True),
     "qwen2-vl-7b": _qwen2(3584, 18944, 28, 28, 4, 152064, False),
+    "qwen3-vl-2b": _qwen3(2048, 6144, 28, 16, 8, True, 24, 1024, 4096, (5, 11, 17)),
+    "qwen3-vl-4b": _qwen3(2560, 9728, 36, 32, 8, True, 24, 1024, 4096, (5, 11, 17)),
+    "qwen3-vl-8b": _qwen3(4096, 12288, 36, 32, 8, False, 27, 1152, 4304, (8, 16, 24)),
+    "qwen3-vl-32b": _qwen3(5120, 25600, 64, 64, 8, False, 27, 1152, 4304, (8, 16, 24)),
     "tiny": tiny("qwen2_5_vl"),
     "tiny-qwen2-vl": tiny("qwen2_vl"),
+    "tiny-qwen3-vl": tiny("qwen3_vl"),
 }
 
 

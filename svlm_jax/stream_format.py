@@ -5,7 +5,7 @@ A stream is, in token order:
   previous  earlier commentary, kept as the first `text_sink` and last `text_window` tokens
   footer    <|im_end|>\\n
   rounds    one per second, each made of the parts `ROUND_PARTS` in this order:
-    before  <|im_start|>user\\nTime={a:.1f}-{b:.1f}s<|vision_start|>
+    before  <|im_start|>user\\nTime={a:.1f}-{b:.1f}s<|vision_start|>  (Qwen3-VL: <{t:.1f} seconds>, `time_label`)
     vision  <|video_pad|> x (the second's merged vision tokens)
     after   <|vision_end|>{query}<|im_end|>\\n<|im_start|>assistant\\n
     answer  {commentary} ...<|im_end|>        what the model generates (training's labels)
@@ -98,6 +98,15 @@ class CachePolicy:
         patch = model_config.vision.temporal_patch_size
         if self.fps % patch:
             raise ValueError(f"fps must be a multiple of the model's temporal patch size ({patch}), got {self.fps}")
+        if model_config.frame_blocks and self.fps != patch:
+            # each temporal patch would be a block with a timestamp of its own: one a round
+            raise ValueError(f"a {model_config.model_type} stream takes one temporal patch a second: fps must be "
+                             f"{patch}, got {self.fps}")
+
+    def stamp_frames(self, model_config: ModelConfig) -> int:
+        """`StreamFormat.stamp_frames` for this model: a round's frame count where the model reads its
+        time as a timestamp (Qwen3-VL), 0 where it reads "Time=a-b s"."""
+        return self.fps if model_config.frame_blocks else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +155,14 @@ def round_user_text(query: str | None, round_index: int, has_previous: bool, que
     return " ".join([*filter(None, [round_query(query, round_index, has_previous)]), *questions]) or None
 
 
-def time_label(t_start: float, t_end: float) -> str:
-    return f"Time={t_start:.1f}-{t_end:.1f}s"
+def time_label(t_start: float, t_end: float, stamp_frames: int = 0) -> str:
+    """A round's time before its frames: "Time=a-b s"; with `stamp_frames` (Qwen3-VL), its processor's
+    timestamp of a temporal patch of that many frames evenly spaced from t_start: "<t seconds>", t the
+    mean of the first and last frame's times."""
+    if not stamp_frames:
+        return f"Time={t_start:.1f}-{t_end:.1f}s"
+    last = t_start + (t_end - t_start) * (stamp_frames - 1) / stamp_frames
+    return f"<{(t_start + last) / 2:.1f} seconds>"
 
 
 def commentary_text(words: Sequence[str]) -> str:
@@ -182,11 +197,12 @@ class StreamFormat:
     encode: Encode
     system: str = SYSTEM
     query: str = QUERY
+    stamp_frames: int = 0  # see `time_label` and `CachePolicy.stamp_frames`
 
     @classmethod
     def from_tokenizer(cls, tokenizer, encode: Encode | None = None, *, system: str = SYSTEM,
-                       query: str = QUERY) -> "StreamFormat":
-        return cls(tokenizer.special, encode or tokenizer.encode, system, query)
+                       query: str = QUERY, stamp_frames: int = 0) -> "StreamFormat":
+        return cls(tokenizer.special, encode or tokenizer.encode, system, query, stamp_frames)
 
     # ---- the pieces
     @property
@@ -218,7 +234,8 @@ class StreamFormat:
         """A round's user turn around its vision pads: (before, after), `after` ending with the
         assistant header so generation starts right after."""
         sp = self.special
-        before = [sp.im_start, *self.encode(f"user\n{time_label(t_start, t_end)}"), sp.vision_start]
+        before = [sp.im_start, *self.encode(f"user\n{time_label(t_start, t_end, self.stamp_frames)}"),
+                  sp.vision_start]
         after = [sp.vision_end, *(self.encode(query) if query else []), sp.im_end, *self.newline,
                  sp.im_start, *self.encode("assistant\n")]
         return before, after

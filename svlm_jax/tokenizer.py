@@ -1,9 +1,11 @@
 """Tokenizer of a Qwen2.5-VL model directory, read with the `tokenizers` library (no transformers at run time).
 
 Reads what a real checkpoint ships: tokenizer.json (the BPE tokenizer and its added tokens), tokenizer_config.json
-(eos / pad tokens, added tokens), generation_config.json (sampling defaults) and preprocessor_config.json (vision
-preprocessing). Special-token ids are looked up by name, never hard-coded. `train_tokenizer` builds a small
-byte-level BPE with Qwen's pipeline and special tokens, loadable both here and by transformers.AutoTokenizer.
+(eos / pad tokens, added tokens), generation_config.json (sampling defaults) and the vision preprocessing:
+video_preprocessor_config.json where the checkpoint has one (the processor of videos, which are what streaming and
+training feed; Qwen3-VL's differs from its image processor), else preprocessor_config.json. Special-token ids are
+looked up by name, never hard-coded. `train_tokenizer` builds a small byte-level BPE with Qwen's pipeline and special
+tokens, loadable both here and by transformers.AutoTokenizer.
 """
 
 import dataclasses
@@ -142,8 +144,8 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | pathlib.Path) -> "Tokenizer":
-        """Loads tokenizer.json, tokenizer_config.json, generation_config.json and preprocessor_config.json
-        (the last three optional) from a model directory."""
+        """Loads tokenizer.json, tokenizer_config.json, generation_config.json and video_preprocessor_config.json
+        or preprocessor_config.json (all but the first optional) from a model directory."""
         model_dir = pathlib.Path(model_dir)
         tokenizer_path = model_dir / "tokenizer.json"
         if not tokenizer_path.exists():
@@ -158,9 +160,11 @@ class Tokenizer:
         result.generation = GenerationDefaults.from_generation_config(
             generation_config, fallback_eos_ids=(result.eos_token_id,)
         )
-        preprocessor_path = model_dir / "preprocessor_config.json"
-        if preprocessor_path.exists():
-            result.vision_preprocess = VisionPreprocessConfig.from_preprocessor_config(_read_json(preprocessor_path))
+        video_path, image_path = model_dir / "video_preprocessor_config.json", model_dir / "preprocessor_config.json"
+        if video_path.exists():
+            result.vision_preprocess = VisionPreprocessConfig.from_video_preprocessor_config(_read_json(video_path))
+        elif image_path.exists():
+            result.vision_preprocess = VisionPreprocessConfig.from_preprocessor_config(_read_json(image_path))
         return result
 
     @property

@@ -56,7 +56,11 @@ RULES = (
     Rule("model.layers.{i}.mlp.gate_proj.weight", "text.layers.gate_w_ldf", 1),
     Rule("model.layers.{i}.mlp.up_proj.weight", "text.layers.up_w_ldf", 1),
     Rule("model.layers.{i}.mlp.down_proj.weight", "text.layers.down_w_lfd", 1),
+    Rule("model.layers.{i}.self_attn.q_norm.weight", "text.layers.q_norm_lh", 0),
+    Rule("model.layers.{i}.self_attn.k_norm.weight", "text.layers.k_norm_lh", 0),
     Rule("visual.patch_embed.proj.weight", "vision.patch_w_pc", 1),
+    Rule("visual.patch_embed.proj.bias", "vision.patch_b_c", 0),
+    Rule("visual.pos_embed.weight", "vision.pos_embed_qc", 0),
     Rule("visual.blocks.{i}.norm1.weight", "vision.blocks.norm1_w_lc", 0),
     Rule("visual.blocks.{i}.norm1.bias", "vision.blocks.norm1_b_lc", 0),
     Rule("visual.blocks.{i}.attn.qkv.weight", "vision.blocks.qkv_w_lc3nh", 1),
@@ -67,25 +71,39 @@ RULES = (
     Rule("visual.blocks.{i}.norm2.bias", "vision.blocks.norm2_b_lc", 0),
     Rule("visual.blocks.{i}.mlp.gate_proj.weight", "vision.blocks.gate_w_lcf", 1),
     Rule("visual.blocks.{i}.mlp.gate_proj.bias", "vision.blocks.gate_b_lf", 0),
-    Rule("visual.merger.ln_q.weight", "vision.merger_norm_w_c", 0),
-    Rule("visual.merger.ln_q.bias", "vision.merger_norm_b_c", 0),
-    Rule("visual.merger.mlp.0.weight", "vision.merger_fc1_w_ee", 1),
-    Rule("visual.merger.mlp.0.bias", "vision.merger_fc1_b_e", 0),
-    Rule("visual.merger.mlp.2.weight", "vision.merger_fc2_w_ed", 1),
-    Rule("visual.merger.mlp.2.bias", "vision.merger_fc2_b_d", 0),
 )
-# The vision MLP's up/down projections are named per variant.
-_VISION_MLP = {
-    "qwen2_5_vl": (Rule("visual.blocks.{i}.mlp.up_proj.weight", "vision.blocks.up_w_lcf", 1),
-                   Rule("visual.blocks.{i}.mlp.up_proj.bias", "vision.blocks.up_b_lf", 0),
-                   Rule("visual.blocks.{i}.mlp.down_proj.weight", "vision.blocks.down_w_lfc", 1),
-                   Rule("visual.blocks.{i}.mlp.down_proj.bias", "vision.blocks.down_b_lc", 0)),
-    "qwen2_vl": (Rule("visual.blocks.{i}.mlp.fc1.weight", "vision.blocks.up_w_lcf", 1),
-                 Rule("visual.blocks.{i}.mlp.fc1.bias", "vision.blocks.up_b_lf", 0),
-                 Rule("visual.blocks.{i}.mlp.fc2.weight", "vision.blocks.down_w_lfc", 1),
-                 Rule("visual.blocks.{i}.mlp.fc2.bias", "vision.blocks.down_b_lc", 0)),
+
+
+def _fc_rules(prefix: str, fc1: str, fc2: str, leaves: tuple[str, str, str, str]) -> tuple[Rule, ...]:
+    """Weight and bias rules of a two-layer MLP named `prefix.fc1` and `prefix.fc2`."""
+    return (Rule(f"{prefix}.{fc1}.weight", leaves[0], 1), Rule(f"{prefix}.{fc1}.bias", leaves[1], 0),
+            Rule(f"{prefix}.{fc2}.weight", leaves[2], 1), Rule(f"{prefix}.{fc2}.bias", leaves[3], 0))
+
+
+_BLOCK_MLP = ("vision.blocks.up_w_lcf", "vision.blocks.up_b_lf", "vision.blocks.down_w_lfc", "vision.blocks.down_b_lc")
+_MERGER = ("vision.merger_fc1_w_ee", "vision.merger_fc1_b_e", "vision.merger_fc2_w_ed", "vision.merger_fc2_b_d")
+_QWEN2_MERGER = (Rule("visual.merger.ln_q.weight", "vision.merger_norm_w_c", 0),
+                 Rule("visual.merger.ln_q.bias", "vision.merger_norm_b_c", 0),
+                 *_fc_rules("visual.merger", "mlp.0", "mlp.2", _MERGER))
+# The vision MLP and the mergers are named per family.
+_FAMILY_RULES = {
+    "qwen2_5_vl": (*_fc_rules("visual.blocks.{i}.mlp", "up_proj", "down_proj", _BLOCK_MLP), *_QWEN2_MERGER),
+    "qwen2_vl": (*_fc_rules("visual.blocks.{i}.mlp", "fc1", "fc2", _BLOCK_MLP), *_QWEN2_MERGER),
+    "qwen3_vl": (*_fc_rules("visual.blocks.{i}.mlp", "linear_fc1", "linear_fc2", _BLOCK_MLP),
+                 Rule("visual.merger.norm.weight", "vision.merger_norm_w_c", 0),
+                 Rule("visual.merger.norm.bias", "vision.merger_norm_b_c", 0),
+                 *_fc_rules("visual.merger", "linear_fc1", "linear_fc2", _MERGER),
+                 Rule("visual.deepstack_merger_list.{i}.norm.weight", "vision.deepstack.norm_w_se", 0),
+                 Rule("visual.deepstack_merger_list.{i}.norm.bias", "vision.deepstack.norm_b_se", 0),
+                 *_fc_rules("visual.deepstack_merger_list.{i}", "linear_fc1", "linear_fc2",
+                            ("vision.deepstack.fc1_w_see", "vision.deepstack.fc1_b_se",
+                             "vision.deepstack.fc2_w_sed", "vision.deepstack.fc2_b_sd"))),
 }
+# Tables of rows stored as they are (not flattened like norms and biases).
+_TABLES = ("text.embed_vd", "vision.pos_embed_qc")
 _ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+# Families whose checkpoints (on the hub too) spell names the transformers 5 way: saved so.
+_SAVED_WITH_ALIASES = ("qwen3_vl",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +121,7 @@ def hf_slots(config: ModelConfig) -> dict[str, Slot]:
     shapes = dict(param_leaves(config))
     v = config.vision
     slots = {}
-    for rule in RULES + _VISION_MLP[config.model_type]:
+    for rule in RULES + _FAMILY_RULES[config.model_type]:
         if rule.leaf not in shapes:
             continue
         stacked = "{i}" in rule.hf
@@ -112,7 +130,7 @@ def hf_slots(config: ModelConfig) -> dict[str, Slot]:
             hf_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
         elif rule.n_in:
             hf_shape = (math.prod(shape[rule.n_in:]), math.prod(shape[:rule.n_in]))
-        elif rule.leaf == "text.embed_vd":
+        elif rule.leaf in _TABLES:
             hf_shape = shape
         else:
             hf_shape = (math.prod(shape),)
@@ -126,6 +144,15 @@ def canonical_name(name: str) -> str:
     for alias, canonical in _ALIASES:
         if name.startswith(alias):
             return canonical + name[len(alias):]
+    return name
+
+
+def saved_name(name: str, config: ModelConfig) -> str:
+    """The name `save_pretrained` writes for the canonical `name` (`lm_head.weight` has no alias)."""
+    if config.model_type in _SAVED_WITH_ALIASES:
+        for alias, canonical in _ALIASES:
+            if name.startswith(canonical):
+                return alias + name[len(canonical):]
     return name
 
 
@@ -184,15 +211,9 @@ def _set_layer(stack, index, value):
     return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), index, 0)
 
 
-def load_pretrained(path, dtype="bfloat16") -> Model:
-    """Load a HF Qwen2-VL / Qwen2.5-VL checkpoint directory into a `Model` (params in `dtype`)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    config = ModelConfig.from_file(path)
-    dtype = jnp.dtype(dtype)
-    slots = hf_slots(config)
-    files = _weight_files(path)
+def matched_names(path: Path, config: ModelConfig, slots: dict[str, Slot], files: dict[str, Path]) -> dict[str, str]:
+    """Canonical name -> the name stored in the files, for every tensor the checkpoint holds;
+    CheckpointError when they are not exactly the model's `slots`."""
     names = {canonical_name(n): n for n in files}
     missing = [n for n in slots if n not in names]
     if config.text.tie_word_embeddings:
@@ -202,6 +223,19 @@ def load_pretrained(path, dtype="bfloat16") -> Model:
         raise CheckpointError(f"checkpoint {path} does not match its config ({config.model_type}): "
                               + (f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
                               + (f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}" if unexpected else ""))
+    return names
+
+
+def load_pretrained(path, dtype="bfloat16") -> Model:
+    """Load a HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint directory into a `Model` (params in `dtype`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config = ModelConfig.from_file(path)
+    dtype = jnp.dtype(dtype)
+    slots = hf_slots(config)
+    files = _weight_files(path)
+    names = matched_names(path, config, slots, files)
     shapes = dict(param_leaves(config))
     leaves: dict[str, jax.Array] = {}
     for name, slot in slots.items():
@@ -263,7 +297,7 @@ def check_output_dir(path) -> Path:
 
 def save_pretrained(model: Model, path, *, max_shard_size: int | str = "5GB") -> None:
     """Write config.json and safetensors (sharded above `max_shard_size`, with an index) that
-    transformers' Qwen2(.5)-VL `from_pretrained` loads without missing or unexpected keys.
+    transformers' Qwen2(.5)-VL / Qwen3-VL `from_pretrained` loads without missing or unexpected keys.
 
     Each file is written under a temporary name and renamed once all are written, config.json last;
     if writing fails (read-only or full file system) the partial files are removed, files already in
@@ -298,8 +332,8 @@ def save_pretrained(model: Model, path, *, max_shard_size: int | str = "5GB") ->
                 slot = slots[name]
                 leaf = _leaf_get(model.params, slot.leaf)
                 array = np.asarray(leaf if slot.layer is None else leaf[slot.layer])
-                tensors[name] = to_hf(array, slot)
-                weight_map[name] = fname
+                tensors[saved_name(name, model.config)] = to_hf(array, slot)
+                weight_map[saved_name(name, model.config)] = fname
             save_file(tensors, str(partial(fname)[0]), metadata={"format": "pt"})
             del tensors
         if len(shards) > 1:

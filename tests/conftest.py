@@ -107,3 +107,17 @@ def random_stream_model(tokenizer, *, seed: int = 0, model_type: str = "qwen2_5_
 @pytest.fixture(scope="session")
 def stream_model(stream_tokenizer):
     return random_stream_model(stream_tokenizer)
+
+
+def write_synth_sft(path, first_seed: int = 0):
+    """A one-minute synthetic match at 56x56 as 30 s SFT samples; returns the JSONL path."""
+    from svlm_jax.synth import DatasetConfig, RenderConfig, write_dataset
+
+    return write_dataset(path, DatasetConfig(streams=1, minutes=1, clip_seconds=30, first_seed=first_seed,
+                                             render=RenderConfig(height=56, width=56)))
+
+
+@pytest.fixture(scope="session")
+def synth_sft(tmp_path_factory):
+    """Training samples of a synthetic match (tiny training runs)."""
+    return write_synth_sft(tmp_path_factory.mktemp("sft"))

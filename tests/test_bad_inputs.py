@@ -24,12 +24,15 @@ from svlm_jax import cli
 from svlm_jax.config import ConfigError, ModelConfig, tiny
 from svlm_jax.media.video import VideoError, VideoReader
 from svlm_jax.model.params import param_leaves
+from svlm_jax.stream_defaults import FILE_NAME as STREAM_FILE
+from svlm_jax.stream_defaults import StreamDefaults
+from svlm_jax.stream_format import CachePolicy
 from svlm_jax.train import data
 from svlm_jax.train.config import TrainConfigError, load_config
 from svlm_jax.weights import CheckpointError, check_output_dir
 
 DEMO = Path(svlm_jax.__file__).parent / "assets" / "demo_model"
-USER_ERRORS = cli.USER_ERRORS
+USER_ERRORS = cli.user_errors()
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -72,10 +75,8 @@ def key_paths(node, prefix=()):
             yield from key_paths(v, prefix + (i,))
 
 
-@st.composite
-def broken_configs(draw):
-    """A valid config.json with 1-3 edits: a value swapped for junk, or a key deleted."""
-    cfg = copy.deepcopy(CONFIGS[draw(st.sampled_from(sorted(CONFIGS)))])
+def broken(draw, cfg, new_keys=()):
+    """`cfg` with 1-3 edits: a value swapped for junk, a key deleted, or (given `new_keys`) one added."""
     for _ in range(draw(st.integers(1, 3))):
         paths = list(key_paths(cfg))
         if not paths:
@@ -84,19 +85,32 @@ def broken_configs(draw):
         parent = cfg
         for part in path[:-1]:
             parent = parent[part]
-        if draw(st.booleans()) and isinstance(parent, dict):
+        action = draw(st.sampled_from(["junk", "delete", *(["add"] if new_keys else [])]))
+        if action == "delete" and isinstance(parent, dict):
             del parent[path[-1]]
+        elif action == "add" and isinstance(parent, dict):
+            parent[draw(st.sampled_from(new_keys))] = draw(JUNK)
         else:
             parent[path[-1]] = draw(JUNK)
     return cfg
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A copy of the bundled checkpoint (config, weights, tokenizer) to break."""
-    path = tmp_path_factory.mktemp("model") / "ckpt"
+@st.composite
+def broken_configs(draw):
+    """A valid config.json, broken."""
+    return broken(draw, copy.deepcopy(CONFIGS[draw(st.sampled_from(sorted(CONFIGS)))]))
+
+
+def copy_of_demo(tmp_path_factory, name: str) -> Path:
+    """A copy of the bundled checkpoint (config, weights, tokenizer, stream defaults) to break."""
+    path = tmp_path_factory.mktemp(name) / "ckpt"
     shutil.copytree(DEMO, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return copy_of_demo(tmp_path_factory, "model")
 
 
 def write_config(model_dir: Path, cfg) -> Path:
@@ -171,6 +185,68 @@ def test_config_whole_file_errors(model_dir, capsys):
         path.write_bytes(content)
         line = run_cli(["info", model_dir], capsys)
         assert str(path) in line and message in line, line
+
+
+# ---- stream_config.json (a checkpoint's stream defaults) -----------------------------------------------
+
+STREAM_CONFIG = json.loads((DEMO / STREAM_FILE).read_text())
+
+
+@st.composite
+def broken_stream_configs(draw):
+    """The bundled stream_config.json, broken, unknown keys added too."""
+    return broken(draw, copy.deepcopy(STREAM_CONFIG), new_keys=["vision_window", "sampling", "fps", "Query"])
+
+
+@pytest.fixture(scope="module")
+def stream_model_dir(tmp_path_factory):
+    """Another copy, whose stream_config.json the tests break."""
+    return copy_of_demo(tmp_path_factory, "stream_model")
+
+
+@FUZZ
+@given(cfg=broken_stream_configs(), cut=st.floats(0, 1))
+def test_fuzz_stream_config(cfg, cut, stream_model_dir, capsys):
+    """`StreamDefaults.from_dir` and `svlm info` on broken and truncated files: an error naming the file,
+    or defaults of the right types that the CLI reports."""
+    text = json.dumps(cfg)
+    if cut < 0.3:
+        text = text[: int(len(text) * cut / 0.3)]
+    path = stream_model_dir / STREAM_FILE
+    path.write_text(text)
+    try:
+        loaded = StreamDefaults.from_dir(stream_model_dir)
+    except ConfigError as error:
+        assert str(path) in str(error)
+        assert run_cli(["info", stream_model_dir], capsys).startswith(f"svlm: error: {path}")
+        return
+    assert isinstance(loaded.policy, CachePolicy) and 1 <= loaded.min_pixels <= loaded.max_pixels
+    assert isinstance(loaded.previous_text, str) and isinstance(loaded.query, str)
+    capsys.readouterr()
+    assert cli.main(["info", str(stream_model_dir)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"policy": {"text_sink": "64"}}', "policy.text_sink must be a non-negative integer, got \"64\""),
+    ('{"policy": {"fps": null}}', "policy.fps must be a non-negative integer, got null"),
+    ('{"policy": {"fps": 0}}', "fps must be a whole number >= 1"),
+    ('{"policy": {"vision_window": 8}}', "unknown field(s) policy.vision_window"),
+    ('{"policy": [8]}', "policy must be an object"),
+    ('{"previous_text": 3}', "previous_text must be a string, got 3"),
+    ('{"max_pixels": 1.5}', "max_pixels must be a positive integer"),
+    ('{"min_pixels": 900, "max_pixels": 800}', "min_pixels (900) must be at least 1 and at most max_pixels (800)"),
+    ('{"sampling": {}}', "unknown field(s) sampling"),
+    ('[]', "expected a JSON object at the top level"),
+    ('{"query": ', "is not valid JSON"),
+    ('', "is not valid JSON"),
+])
+def test_stream_config_errors_name_the_file_and_field(content, message, stream_model_dir, capsys):
+    path = stream_model_dir / STREAM_FILE
+    path.write_text(content)
+    for argv in (["info", stream_model_dir], ["stream", "--model", stream_model_dir, "--video", DEMO / "none.mp4"]):
+        line = run_cli(argv, capsys)
+        assert line.startswith(f"svlm: error: {path}: ") or line.startswith(f"svlm: error: {path} "), line
+        assert message in line, line
 
 
 def test_valid_configs_still_read(hf_checkpoint):

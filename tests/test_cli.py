@@ -4,14 +4,18 @@ Frames are 56x56 and given to the model at 56x56 (--min/--max-pixels), and the c
 milliseconds once the round step is compiled (once per process; the subprocess runs compile again).
 """
 
+import dataclasses
 import json
 import os
 import pathlib
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import av
 import jax
@@ -296,6 +300,54 @@ def test_ctrl_c_ends_cleanly(model_dir, video, tmp_path, capsys, monkeypatch):
     assert "svlm: 2 s of video commentated" in err and err.strip().splitlines()[-1] == "svlm: interrupted"
 
 
+def interrupted_run(argv, marker: str, delay_s: float) -> tuple[int, str, str]:
+    """`svlm ARGV` in a real process, sent SIGINT `delay_s` after it prints a line starting with
+    `marker` (on stdout or stderr); (exit code, stdout, stderr)."""
+    process = subprocess.Popen([sys.executable, "-m", "svlm_jax.cli", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    seen = {"out": [], "err": []}
+
+    def read(name, pipe):
+        for line in pipe:
+            seen[name].append(line)
+    readers = [threading.Thread(target=read, args=(name, pipe)) for name, pipe in
+               (("out", process.stdout), ("err", process.stderr))]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 300
+    while not any(line.startswith(marker) for line in seen["out"] + seen["err"]):
+        assert process.poll() is None and time.monotonic() < deadline, "".join(seen["err"])
+        time.sleep(0.02)
+    time.sleep(delay_s)
+    process.send_signal(signal.SIGINT)
+    code = process.wait(timeout=300)
+    for reader in readers:
+        reader.join()
+    return code, "".join(seen["out"]), "".join(seen["err"])
+
+
+@pytest.mark.parametrize("command", ["stream", "demo"])
+def test_ctrl_c_during_compilation_never_crashes(command, model_dir, tmp_path):
+    """SIGINT while the first second compiles, in a real process: XLA goes on compiling on its own
+    threads, and the interpreter's shutdown under them crashed (segfault, abort) in 5 of 6 tries.
+    Every try ends with "svlm: interrupted", exit 130, no traceback, the subtitles it opened intact."""
+    video = write_mp4(tmp_path / "long.mp4", 60)
+    for attempt, delay_s in enumerate((0.0, 0.4, 1.2)):
+        out = tmp_path / str(attempt)
+        out.mkdir()
+        if command == "stream":
+            vtt = out / "out.vtt"
+            argv, marker = [*stream_args(model_dir, video), "--vtt", str(vtt)], "svlm: compiling"
+        else:
+            vtt = out / "match_1000.vtt"
+            argv, marker = ["demo", "--minutes", "10", "--out", str(out)], "compiling"
+        code, _, err = interrupted_run(argv, marker, delay_s)
+        assert code == cli.EXIT_INTERRUPTED and "Traceback" not in err, (delay_s, code, err)
+        assert err.strip().splitlines()[-1] == "svlm: interrupted", err
+        parse_vtt(vtt.read_text())
+
+
 def test_progress_line(capsys):
     progress = cli.Progress(total_s=4, enabled=True)
     progress.update(1, 0.25)
@@ -314,7 +366,7 @@ def test_info_counts_parameters_and_memory(model_dir, stream_tokenizer, capsys):
     assert re.search(rf"^  weights +{cli.human_bytes(n_params * 4)}$", out, re.M)
 
     # The cache layout info computes is the one a session builds for the same settings.
-    args = cli.build_parser().parse_args(stream_args(model_dir, "unused"))
+    args = cli.with_stream_defaults(cli.build_parser().parse_args(stream_args(model_dir, "unused")), model_dir)
     config = StreamConfig(cli.cache_policy(args), sampling=SamplingConfig(temperature=0.0))
     preprocess = cli.stream_preprocess(stream_tokenizer, SIDE * SIDE, SIDE * SIDE)
     session = StreamingSession(model, stream_tokenizer, config, preprocess=preprocess)
@@ -324,6 +376,49 @@ def test_info_counts_parameters_and_memory(model_dir, stream_tokenizer, capsys):
     cache_bytes = 3 * t.num_layers * layout.size * t.num_kv_heads * t.head_dim * 2 * 4
     assert re.search(rf"^  KV cache +{cli.human_bytes(cache_bytes)}: 3 stream\(s\) x {layout.size:,} slots", out, re.M)
     assert re.search(rf"^  total +{cli.human_bytes(n_params * 4 + cache_bytes)} ", out, re.M)
+
+
+def test_options_override_the_checkpoints_stream_defaults(model_dir, tmp_path):
+    """Each stream setting: the option when given, else the checkpoint's stream_config.json, else the
+    reference's (StreamDefaults())."""
+    from svlm_jax.stream_defaults import FILE_NAME, StreamDefaults
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(model_dir, checkpoint)
+    (checkpoint / FILE_NAME).write_text(json.dumps({"policy": {"text_sink": 5, "text_window": 6},
+                                                    "min_pixels": 2000, "max_pixels": 4000,
+                                                    "previous_text": "Before."}))
+    parse = cli.build_parser().parse_args
+    args = cli.with_stream_defaults(parse(["stream", "--model", str(checkpoint), "--video", "v.mp4",
+                                           "--text-window", "7", "--min-pixels", "1000"]), str(checkpoint))
+    reference = StreamDefaults()
+    assert args.stream_defaults == StreamDefaults(
+        policy=dataclasses.replace(reference.policy, text_sink=5, text_window=7), min_pixels=1000, max_pixels=4000,
+        previous_text="Before.")
+    assert (args.text_sink, args.text_window, args.fps, args.max_pixels, args.previous_text, args.query) == (
+        5, 7, reference.policy.fps, 4000, "Before.", reference.query)
+    assert cli.with_stream_defaults(parse(["stream", "--model", str(checkpoint), "--video", "v.mp4",
+                                           "--previous-text", ""]), str(checkpoint)).previous_text == ""
+    info = cli.with_stream_defaults(parse(["info", str(model_dir)]), str(model_dir))  # no stream_config.json
+    assert info.stream_defaults == reference and info.fps == reference.policy.fps
+
+
+def test_help_imports_nothing_heavy():
+    """`svlm --help` and every subcommand's, in a fresh process, import no jax, numpy, PyAV...: so
+    they answer at once (experiments/bench_help.py times them; a time limit here would fail on a
+    loaded machine)."""
+    from experiments.bench_help import HEAVY, help_commands, imported_modules
+
+    for command in help_commands():
+        modules = imported_modules(command)
+        assert "svlm_jax" in modules and "argparse" in modules, modules  # the import record was read
+        assert not modules & set(HEAVY), (command, sorted(modules & set(HEAVY)))
+
+
+def test_schemes_spelled_out_for_the_parser_are_the_baselines():
+    from svlm_jax.streaming import baselines
+
+    assert cli.SCHEMES == ("streaming", *baselines.SCHEMES)
 
 
 def test_help_and_usage_errors(capsys):

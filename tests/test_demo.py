@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 
+import av
 import numpy as np
 
 from svlm_jax import cli, demo
 from svlm_jax.media.video import VideoReader
+from svlm_jax.stream_defaults import StreamDefaults
 from svlm_jax.synth import MatchConfig, stream_window
 
 
@@ -19,6 +21,16 @@ def test_bundled_model_reproduces_its_recorded_commentary():
     texts = [text for _, text in demo.commentate(model, tokenizer, recorded["seed"], recorded["seconds"])]
     assert texts == recorded["texts"]
     assert any(texts), "the bundled model should say something in its recorded seconds"
+
+
+def test_bundled_stream_config_is_the_demos(capsys):
+    """The bundled model's stream_config.json is demo.STREAM_DEFAULTS (train_demo writes one from the
+    other), and `svlm info` reports it."""
+    assert StreamDefaults.from_dir(demo.DEMO_MODEL_DIR) == demo.STREAM_DEFAULTS
+    assert cli.main(["info", str(demo.DEMO_MODEL_DIR)]) == 0
+    out = capsys.readouterr().out
+    assert "stream defaults from stream_config.json" in out and "12,544 to 12,544 pixels" in out, out
+    assert "previous text 'Blue home, Black away.'" in out and "vision 8 s, 16 text rounds" in out, out
 
 
 def test_demo_writes_video_subtitles_and_accuracy(tmp_path, capsys):
@@ -36,18 +48,32 @@ def test_demo_writes_video_subtitles_and_accuracy(tmp_path, capsys):
             timing, payload = cue.split("\n", 1)
             assert re.fullmatch(r"00:00:0[0-3]\.000 --> 00:00:0[1-4]\.000", timing) and payload.strip(), cue
 
-    with VideoReader(tmp_path / f"match_{demo.DEMO_SEED}.mp4", fps=2) as reader:
+    video = tmp_path / f"match_{demo.DEMO_SEED}.mp4"
+    with av.open(str(video)) as container:  # what browsers and players decode
+        assert container.streams.video[0].codec_context.pix_fmt == "yuv420p"
+    with VideoReader(video, fps=2) as reader:
         seconds = list(reader)
     assert len(seconds) == 4
-    # Read back by the reader training uses, the video shows each second as the model saw it.
-    expected = stream_window(MatchConfig(demo.DEMO_SEED), 0, 4).frames.astype(int)
-    read = np.concatenate([s.frames_thwc for s in seconds]).astype(int)
-    assert np.abs(read - expected).mean(axis=(1, 2, 3)).max() < 1.0
+    # Read back by the reader training uses, the video shows each second as the model saw it: in
+    # brightness (BT.601 luma; a mean error of 1.3 of 255 measured), as 4:2:0 keeps colour at half resolution.
+    luma = np.asarray([0.299, 0.587, 0.114])
+    expected = stream_window(MatchConfig(demo.DEMO_SEED), 0, 4).frames @ luma
+    read = np.concatenate([s.frames_thwc for s in seconds]) @ luma
+    assert np.abs(read - expected).mean(axis=(1, 2)).max() < 2.0
+
+    # `svlm stream` with no option but the model and the video says what the demo said: both take the
+    # checkpoint's stream_config.json (the demo's own match needs no --previous-text).
+    assert f"svlm stream --model {demo.DEMO_MODEL_DIR} --video {video}\n" in out
+    streamed = tmp_path / "streamed.vtt"
+    assert cli.main(["stream", "--model", str(demo.DEMO_MODEL_DIR), "--video", str(video), "--vtt", str(streamed)]) == 0
+    assert streamed.read_text() == vtt
 
 
 def test_demo_bad_arguments(tmp_path, capsys):
     assert cli.main(["demo", "--minutes", "0"]) == 2
     assert cli.main(["demo", "--minutes", "2", "--seconds", "5"]) == 2
+    assert cli.main(["demo", "--minutes", "1", "--seconds", "5"]) == 2  # also with --minutes' default value
+    assert "not allowed with argument" in capsys.readouterr().err
     capsys.readouterr()
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")

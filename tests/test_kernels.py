@@ -15,16 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import api, common, decode, flash_train, prefill, reference, rotary, vision
+from kernels_pallas import api, common, decode, flash_train, prefill, reference, vision
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
 # Compiled float32 dots on a GPU run on the tensor cores in tf32 (10-bit mantissa), as XLA's do.
 TOL = {jnp.float32: 2e-3 if ON_GPU else 1e-5, jnp.bfloat16: 2e-2}
-ROPE_16 = rotary.RotarySpec(theta=1e4, mrope_section=(2, 3, 3))  # head_dim 16
-ROPE_32 = rotary.RotarySpec(theta=1e6, mrope_section=(4, 6, 6))  # head_dim 32
-# The jnp semantics every backend is checked against (keys rotated first when `rope` is given).
-_reference = jax.jit(reference.attention, static_argnames="rope")
+# The jnp semantics every backend is checked against (sequences; a cache is kv heads first).
+_reference = jax.jit(reference.attention)
+_cached_reference = jax.jit(reference.cached_attention)
 
 
 def _normal(rng, shape, dtype):
@@ -36,53 +35,52 @@ def _close(actual, expected, dtype):
                                atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def _cache_case(rng, b, q, k, n, m, h, dtype, with_rope):
-    """Queries of one stream (segment 1) against a cache with empty slots (segment 0), future slots
-    (order above the queries'), and in the last stream a query of segment 2 that sees nothing."""
+def _cache_case(rng, b, q, k, n, m, h, dtype):
+    """Queries of one stream (segment 1) against a cache [B*M, K, H] with empty slots (segment 0),
+    future slots (order above the queries'), and in the last stream a query of segment 2 that sees
+    nothing."""
     kv_segment_bk = np.where(rng.random((b, k)) < 0.25, 0, 1)
     kv_segment_bk[:, -5:] = 0  # an empty tail, as in a cache that is not full yet
     q_segment_bq = np.ones((b, q), np.int32)
     q_segment_bq[-1, -1] = 2
     kv_order_bk = rng.integers(0, k, (b, k))
     q_order_bq = rng.integers(k // 2, k + q, (b, q))
-    arrays = dict(q_bqnh=_normal(rng, (b, q, n, h), dtype), k_bkmh=_normal(rng, (b, k, m, h), dtype),
-                  v_bkmh=_normal(rng, (b, k, m, h), dtype), q_segment_bq=jnp.asarray(q_segment_bq, jnp.int32),
+    arrays = dict(q_bqnh=_normal(rng, (b, q, n, h), dtype), k_ckh=_normal(rng, (b * m, k, h), dtype),
+                  v_ckh=_normal(rng, (b * m, k, h), dtype), q_segment_bq=jnp.asarray(q_segment_bq, jnp.int32),
                   kv_segment_bk=jnp.asarray(kv_segment_bk, jnp.int32), q_order_bq=jnp.asarray(q_order_bq, jnp.int32),
                   kv_order_bk=jnp.asarray(kv_order_bk, jnp.int32))
-    if with_rope:
-        arrays["k_positions_bk3"] = jnp.asarray(rng.integers(0, 3000, (b, k, 3)), jnp.int32)
     return arrays
 
 
-@pytest.mark.parametrize("q, n, m, dtype, rope", [
-    (1, 4, 4, jnp.float32, ROPE_16),     # GQA ratio 1, rotation
-    (2, 4, 2, jnp.bfloat16, None),       # ratio 2, bf16
-    (2, 7, 1, jnp.float32, ROPE_16),     # ratio 7 (rows padded to 16), rotation
+@pytest.mark.parametrize("q, n, m, dtype", [
+    (1, 4, 4, jnp.float32),     # GQA ratio 1
+    (2, 4, 2, jnp.bfloat16),    # ratio 2, bf16
+    (2, 7, 1, jnp.float32),     # ratio 7 (rows padded to 16)
 ])
-def test_decode_matches_reference(q, n, m, dtype, rope):
+def test_decode_matches_reference(q, n, m, dtype):
     rng = np.random.default_rng(0)
-    case = _cache_case(rng, b=2, q=q, k=53, n=n, m=m, h=16, dtype=dtype, with_rope=rope is not None)
-    out = jax.jit(functools.partial(decode.decode_attention, rope=rope, block_k=16, splits=2, interpret=INTERPRET))(**case)
-    _close(out, _reference(**case, rope=rope), dtype)
+    case = _cache_case(rng, b=2, q=q, k=53, n=n, m=m, h=16, dtype=dtype)
+    out = jax.jit(functools.partial(decode.decode_attention, block_k=16, splits=2, interpret=INTERPRET))(**case)
+    _close(out, _cached_reference(**case), dtype)
     assert not np.any(np.asarray(out[-1, -1], np.float32))  # the query that sees nothing
 
 
-@pytest.mark.parametrize("n, m, dtype, rope, h", [
-    (7, 1, jnp.float32, ROPE_32, 32),    # ratio 7, rotation
-    (4, 2, jnp.bfloat16, ROPE_16, 16),   # ratio 2, bf16, rotation
+@pytest.mark.parametrize("n, m, dtype, h", [
+    (7, 1, jnp.float32, 32),    # ratio 7
+    (4, 2, jnp.bfloat16, 16),   # ratio 2, bf16
 ])
-def test_prefill_matches_reference(n, m, dtype, rope, h):
+def test_prefill_matches_reference(n, m, dtype, h):
     """A chunk of 19 queries against a 40-slot cache followed by the chunk itself, causal by order."""
     rng = np.random.default_rng(1)
     b, q, cache = 2, 19, 40
-    case = _cache_case(rng, b=b, q=q, k=cache + q, n=n, m=m, h=h, dtype=dtype, with_rope=True)
+    case = _cache_case(rng, b=b, q=q, k=cache + q, n=n, m=m, h=h, dtype=dtype)
     chunk_order = cache + np.arange(q)
     case["q_order_bq"] = jnp.asarray(np.broadcast_to(chunk_order, (b, q)), jnp.int32)
     case["kv_order_bk"] = case["kv_order_bk"].at[:, cache:].set(chunk_order)
     case["kv_segment_bk"] = case["kv_segment_bk"].at[:, cache:].set(case["q_segment_bq"])
-    out = jax.jit(functools.partial(prefill.prefill_attention, rope=rope, block_r=16, block_k=16,
+    out = jax.jit(functools.partial(prefill.prefill_attention, block_r=16, block_k=16,
                                     interpret=INTERPRET))(**case)
-    _close(out, _reference(**case, rope=rope), dtype)
+    _close(out, _cached_reference(**case), dtype)
 
 
 @pytest.mark.parametrize("t, n, m, h, dtype, sort", [
@@ -129,9 +127,7 @@ def test_flash_train_values_and_gradients(n, m, h, dtype):
 def _op_case(op: str, rng):
     """(positional, keyword) arguments of the operation `op` on a small case."""
     if op in ("cached_prefill_attention", "cached_decode_attention"):
-        case = _cache_case(rng, b=2, q=3, k=21, n=4, m=2, h=16, dtype=jnp.float32, with_rope=True)
-        k_positions_bk3 = case.pop("k_positions_bk3")
-        return tuple(case.values()), dict(k_positions_bk3=k_positions_bk3, rope=ROPE_16)
+        return tuple(_cache_case(rng, b=2, q=3, k=21, n=4, m=2, h=16, dtype=jnp.float32).values()), {}
     t = 21
     segment_bt = jnp.asarray(np.sort(rng.integers(0, 4, (2, t)), axis=1), jnp.int32)
     q_btnh, k_btmh, v_btmh = (_normal(rng, (2, t, heads, 16), jnp.float32) for heads in (4, 2, 2))
@@ -146,7 +142,7 @@ def test_operations_match_reference_on_each_backend(op, monkeypatch):
     """Every operation on "auto", "xla" and "pallas" (interpreted off a GPU) agrees with the reference."""
     monkeypatch.delenv(api.ENV_VAR, raising=False)
     args, kwargs = _op_case(op, np.random.default_rng(4))
-    expected = _reference(*args, **kwargs)
+    expected = (_cached_reference if op in api.CACHED else _reference)(*args, **kwargs)
     for backend in ("auto", "xla", "pallas"):
         out = jax.jit(functools.partial(getattr(api, op), **kwargs, backend=backend))(*args)
         _close(out, expected, jnp.float32)
@@ -178,9 +174,11 @@ def test_auto_on_a_gpu_picks_pallas_only_where_the_kernel_supports_the_call(monk
     s = jax.ShapeDtypeStruct
     arrays = lambda q, n, m, h, dtype=jnp.bfloat16: (s((1, q, n, h), dtype), s((1, 50, m, h), dtype),
                                                      s((1, 50, m, h), dtype))
-    assert api.resolve_backend("cached_decode_attention", "auto", *arrays(16, 28, 4, 128)) == "pallas"
-    assert api.resolve_backend("cached_decode_attention", "auto", *arrays(19, 28, 4, 128)) == "xla"  # 133 rows
-    assert api.resolve_backend("cached_prefill_attention", "auto", *arrays(19, 28, 4, 128)) == "pallas"
+    cache = lambda q, n, m, h, dtype=jnp.bfloat16: (s((1, q, n, h), dtype), s((m, 50, h), dtype),
+                                                    s((m, 50, h), dtype))
+    assert api.resolve_backend("cached_decode_attention", "auto", *cache(16, 28, 4, 128)) == "pallas"
+    assert api.resolve_backend("cached_decode_attention", "auto", *cache(19, 28, 4, 128)) == "xla"  # 133 rows
+    assert api.resolve_backend("cached_prefill_attention", "auto", *cache(19, 28, 4, 128)) == "pallas"
     assert api.resolve_backend("segment_attention", "auto", *arrays(64, 16, 16, 80)) == "pallas"
     assert api.resolve_backend("causal_attention", "auto", *arrays(64, 4, 2, 256)) == "xla"
     assert api.resolve_backend("causal_attention", "auto", *arrays(64, 4, 2, 64, jnp.int32)) == "xla"
@@ -188,10 +186,8 @@ def test_auto_on_a_gpu_picks_pallas_only_where_the_kernel_supports_the_call(monk
 
 def test_explicit_backend_that_cannot_serve_a_call_raises():
     rng = np.random.default_rng(7)
-    case = _cache_case(rng, b=1, q=40, k=21, n=8, m=2, h=16, dtype=jnp.float32, with_rope=True)
-    positions = case.pop("k_positions_bk3")
-    args = tuple(case.values())
-    decode = functools.partial(api.cached_decode_attention, *args, k_positions_bk3=positions, rope=ROPE_16)
+    args = tuple(_cache_case(rng, b=1, q=40, k=21, n=8, m=2, h=16, dtype=jnp.float32).values())
+    decode = functools.partial(api.cached_decode_attention, *args)
     # float32 cannot go to cuDNN, and on a CPU there is no cuDNN at all.
     with pytest.raises(ValueError, match="cached_decode_attention: backend 'cudnn' cannot serve this call: "
                                          ".*(NVIDIA GPU|bfloat16).*; use backend='xla'"):
@@ -214,18 +210,30 @@ def test_kernels_pallas_imports_nothing_from_svlm_jax():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
 
 
-def test_rotate_keys_is_a_complex_rotation_of_half_pairs():
-    """Rotate-half M-RoPE as complex numbers: dims (i, i + H/2) turn by position[axis(i)] * inv_freq[i]."""
-    rng = np.random.default_rng(8)
-    k_bkmh = rng.standard_normal((2, 5, 3, 16)).astype(np.float32)
-    positions_bk3 = rng.integers(0, 50, (2, 5, 3))
-    axis_f = np.repeat([0, 1, 2], ROPE_16.mrope_section)
-    # Angles as HF forms them (float32 frequencies and product); the rotation itself in float64.
-    angles_bkf = positions_bk3[..., axis_f].astype(np.float32) * rotary.inv_freq(16, ROPE_16.theta)
-    pairs_bkmf = (k_bkmh[..., :8] + 1j * k_bkmh[..., 8:]) * np.exp(1j * angles_bkf.astype(np.float64))[:, :, None]
-    expected_bkmh = np.concatenate([pairs_bkmf.real, pairs_bkmf.imag], axis=-1)
-    out_bkmh = rotary.rotate_keys(jnp.asarray(k_bkmh), jnp.asarray(positions_bk3, jnp.int32), ROPE_16)
-    np.testing.assert_allclose(np.asarray(out_bkmh), expected_bkmh, atol=1e-5, rtol=1e-5)
+def test_cached_reference_is_the_sequence_reference_on_the_transposed_cache():
+    """The two layouts of the jnp semantics agree, and agree with a float64 numpy softmax."""
+    rng = np.random.default_rng()
+    case = _cache_case(rng, b=2, q=3, k=30, n=6, m=2, h=16, dtype=jnp.float32)
+    out = _cached_reference(**case)
+    as_sequences = lambda x_ckh: x_ckh.reshape(2, -1, *x_ckh.shape[1:]).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(
+        case["q_bqnh"], as_sequences(case["k_ckh"]), as_sequences(case["v_ckh"]), *list(case.values())[3:])),
+        atol=1e-6)
+    q, k, v = (np.asarray(case[name], np.float64) for name in ("q_bqnh", "k_ckh", "v_ckh"))
+    k, v = k.reshape(2, -1, *k.shape[1:]), v.reshape(2, -1, *v.shape[1:])
+    mask = np.asarray(reference.attention_mask(case["q_segment_bq"], case["kv_segment_bk"], case["q_order_bq"],
+                                               case["kv_order_bk"]))
+    g = q.shape[2] // k.shape[1]
+    for b in range(2):
+        for i in range(3):
+            for head in range(6):
+                if not mask[b, i].any():
+                    assert not np.any(np.asarray(out)[b, i, head])
+                    continue
+                logits = k[b, head // g] @ q[b, i, head] / 4.0
+                weights = np.where(mask[b, i], np.exp(logits - logits[mask[b, i]].max()), 0)
+                expected = weights @ v[b, head // g] / weights.sum()
+                np.testing.assert_allclose(np.asarray(out)[b, i, head], expected, atol=1e-5)
 
 
 def test_head_padding_round_trip():
@@ -259,13 +267,10 @@ def test_kernels_lower_for_gpu_with_triton():
     s = jax.ShapeDtypeStruct
     b, q, k, n, m, h = 1, 40, 200, 28, 4, 128
     ids = lambda length: s((b, length), jnp.int32)
-    rope = rotary.RotarySpec(theta=1e6, mrope_section=(16, 24, 24))
-
     def cached(kernel, queries):
-        return (lambda qq, kk, vv, qs, ks, qo, ko, pos: kernel(qq, kk, vv, qs, ks, qo, ko, k_positions_bk3=pos,
-                                                                rope=rope, interpret=False),
-                (s((b, queries, n, h), jnp.bfloat16), s((b, k, m, h), jnp.bfloat16), s((b, k, m, h), jnp.bfloat16),
-                 ids(queries), ids(k), ids(queries), ids(k), s((b, k, 3), jnp.int32)))
+        return (functools.partial(kernel, interpret=False),
+                (s((b, queries, n, h), jnp.bfloat16), s((b * m, k, h), jnp.bfloat16), s((b * m, k, h), jnp.bfloat16),
+                 ids(queries), ids(k), ids(queries), ids(k)))
 
     def train(qq, kk, vv, seg, order):
         f = lambda *a: flash_train.flash_attention(*a, seg, seg, order, order, interpret=False)

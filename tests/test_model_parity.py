@@ -28,8 +28,8 @@ def build_row(parts, rng):
     return ids, types, images, videos
 
 
-def build_batch(rows_parts, rng, *, left_pad: bool):
-    rows = [build_row(p, rng) for p in rows_parts]
+def build_batch(rows_parts, rng, *, left_pad: bool, row_builder=build_row):
+    rows = [row_builder(p, rng) for p in rows_parts]
     T = max(len(r[0]) for r in rows)
     ids = np.zeros((len(rows), T), np.int64)
     types, mask = np.zeros_like(ids), np.zeros_like(ids)

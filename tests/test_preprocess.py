@@ -9,7 +9,10 @@ pipeline re-run with torch alone:
   through for bicubic on CPU);
 - rescale+normalise is HF's fused float32 computation and patchify is HF's view/permute sequence, both copied
   here from transformers 5.x (Qwen2VLImageProcessor.patchify, Qwen2VLVideoProcessor.patchify).
-Everything is compared for exact equality: the whole path is integer or single IEEE float32 operations.
+Our resize is Pillow's, whose weights are rounded to other integers than torch's: the resized pixels may differ
+from torch's by at most 2 (of 255), on at most 2% of them (`assert_near_torch`); everything else is exact. HF's
+PIL-backend image processor (Qwen2VLImageProcessorPil, no torchvision needed) is a second oracle, run as is: our
+rows equal its rows, but where one side shrinks and the other grows (it then resizes in the other order).
 """
 
 import ast
@@ -32,6 +35,22 @@ from svlm_jax.media.preprocess import (
 )
 
 STREAMING = VisionPreprocessConfig(min_pixels=100 * 28 * 28, max_pixels=768 * 28 * 28)
+MAX_LEVELS, MAX_SHARE = 2, 0.02  # Pillow's resize against torch's: most apart, share of values apart
+
+
+def assert_near_torch(ours_u8: np.ndarray, torch_u8: np.ndarray) -> None:
+    difference = np.abs(ours_u8.astype(int) - torch_u8.astype(int))
+    assert difference.max() <= MAX_LEVELS and (difference > 0).mean() <= MAX_SHARE, (
+        difference.max(), (difference > 0).mean())
+
+
+def assert_rows_near_torch(rows: np.ndarray, torch_rows: np.ndarray, config: VisionPreprocessConfig) -> None:
+    """Normalised rows whose pixels are those of `assert_near_torch`: (rows - oracle) * std / rescale is the
+    difference of the resized pixels, a whole number."""
+    scale = (np.asarray(config.image_std, np.float64) / config.rescale_factor)[None, :, None]
+    levels = (rows.astype(np.float64) - torch_rows).reshape(len(rows), 3, -1) * scale
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+    assert_near_torch(np.round(levels), np.zeros(levels.shape))
 
 
 def _hf_smart_resize():
@@ -159,20 +178,34 @@ def test_smart_resize_matches_hf_on_random_sizes():
         assert got[0] % 28 == 0 and got[1] % 28 == 0
 
 
+def _torch_resize(frames_thwc: np.ndarray, out_hw) -> np.ndarray:
+    return torch.nn.functional.interpolate(
+        torch.from_numpy(frames_thwc).permute(0, 3, 1, 2), size=out_hw, mode="bicubic", align_corners=False,
+        antialias=True).permute(0, 2, 3, 1).numpy()
+
+
 @pytest.mark.parametrize(
     "in_hw,out_hw",
     [((37, 53), (28, 56)), ((720, 1280), (560, 1008)), ((1280, 720), (1008, 560)), ((100, 30), (252, 84)),
-     ((64, 64), (64, 28)), ((31, 700), (56, 1260)), ((3, 5), (56, 84))],
+     ((64, 64), (64, 28)), ((31, 700), (56, 1260)), ((3, 5), (56, 84)), ((2160, 3840), (588, 1036))],
 )
-def test_resize_bicubic_bit_exact_with_torch(in_hw, out_hw):
+def test_resize_bicubic_near_torch(in_hw, out_hw):
     rng = np.random.default_rng()
     frames = _smooth_frames(rng, 2, *in_hw)
     ours = resize_bicubic(frames, *out_hw)
-    ref = torch.nn.functional.interpolate(
-        torch.from_numpy(frames).permute(0, 3, 1, 2), size=out_hw, mode="bicubic", align_corners=False, antialias=True
-    ).permute(0, 2, 3, 1).numpy()
     assert ours.dtype == np.uint8 and ours.shape == (2, *out_hw, 3)
-    np.testing.assert_array_equal(ours, ref)
+    assert_near_torch(ours, _torch_resize(frames, out_hw))
+
+
+def test_resize_bicubic_near_torch_on_noise_of_random_sizes():
+    """White noise (the hardest case for rounding) at random sizes, one side shrinking while the other
+    grows included: there the order of the passes matters (resizing in Pillow's own order differs by up to 23)."""
+    rng = np.random.default_rng()
+    for _ in range(60):
+        in_hw = tuple(int(v) for v in rng.integers(3, 300, 2))
+        out_hw = tuple(int(v) for v in rng.integers(1, 12, 2) * 28)
+        frames = rng.integers(0, 256, (1, *in_hw, 3), dtype=np.uint8)
+        assert_near_torch(resize_bicubic(frames, *out_hw), _torch_resize(frames, out_hw))
 
 
 def test_resize_is_a_real_bicubic():
@@ -204,7 +237,7 @@ def test_preprocess_video_matches_hf(num_frames, height, width, config):
     expected_rows, expected_grid = hf_video_rows(frames, config)
     assert grid_thw == expected_grid
     assert rows.dtype == np.float32 and rows.shape == (math.prod(grid_thw), 1176)
-    np.testing.assert_array_equal(rows, expected_rows)
+    assert_rows_near_torch(rows, expected_rows, config)
 
 
 @pytest.mark.parametrize("height,width", [(480, 640), (57, 333), (900, 200)])
@@ -215,11 +248,25 @@ def test_preprocess_image_matches_hf(height, width):
     rows, grid_thw = preprocess_image(image, config)
     expected_rows, expected_grid = hf_image_rows(image, config)
     assert grid_thw == expected_grid
-    np.testing.assert_array_equal(rows, expected_rows)
+    assert_rows_near_torch(rows, expected_rows, config)
     # An image is a video of temporal_patch_size identical frames.
     video_rows, video_grid = preprocess_video(np.stack([image, image]), config)
     assert video_grid == grid_thw
     np.testing.assert_array_equal(video_rows, rows)
+
+
+@pytest.mark.parametrize("height,width", [(900, 200), (720, 1280), (31, 700), (2160, 3840), (100, 30)])
+def test_preprocess_image_equals_hf_pil_processor(height, width):
+    """HF's PIL-backend Qwen2-VL image processor itself, where both sides shrink or both grow."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    config = VisionPreprocessConfig()
+    image = np.random.default_rng().integers(0, 256, (height, width, 3), dtype=np.uint8)
+    hf = Qwen2VLImageProcessorPil(min_pixels=config.min_pixels, max_pixels=config.max_pixels)(
+        images=[image], return_tensors="np")
+    rows, grid_thw = preprocess_image(image, config)
+    assert grid_thw == tuple(hf["image_grid_thw"][0])
+    np.testing.assert_allclose(rows, hf["pixel_values"], rtol=0, atol=1e-6)  # HF rescales, then normalises
 
 
 def test_row_layout_known_answer():

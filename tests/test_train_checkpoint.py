@@ -3,88 +3,35 @@ transformers. Tiny model on a synthetic 56x56 match."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 import svlm_jax
-from svlm_jax.config import ModelConfig
 from svlm_jax.train import run
-from svlm_jax.train.checkpoint import abstract_params, restore_params
 from svlm_jax.train.config import TrainConfigError, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-
-CONFIG = """
-[model]
-tokenizer = "{tokenizer}"
-preset = "tiny"
-compute_dtype = "float32"
-[data]
-train = "{train}"
-buckets = [[300, 96], [500, 96]]
-chunk_seconds = 6
-overlap_seconds = 3
-[policy]
-text_sink = 16
-text_window = 16
-[train]
-out_dir = "{out}"
-steps = {steps}
-batch_size = 2
-grad_accum = 2
-lr = 1e-3
-warmup_ratio = 0.25
-[checkpoint]
-every = {every}
-keep = 2
-"""
+from train_runs import ROOT, logged, params_of, saved_steps, write_config
 
 
 @pytest.fixture(scope="module")
-def synth_jsonl(tmp_path_factory):
-    from svlm_jax.synth import DatasetConfig, RenderConfig, write_dataset
-
-    return write_dataset(tmp_path_factory.mktemp("sft"), DatasetConfig(streams=1, minutes=1, clip_seconds=30,
-                                                                       render=RenderConfig(height=56, width=56)))
-
-
-def write_config(tmp_path: Path, name: str, tokenizer, jsonl, steps=4, every=2) -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(tokenizer=tokenizer.name, train=jsonl, out=name, steps=steps, every=every))
-    return path
-
-
-def params_of(run_dir: Path):
-    cfg = ModelConfig.from_file(run_dir / "model")
-    return restore_params(run_dir / "checkpoints", abstract_params(cfg, "float32"))
-
-
-def logged(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, stream_tokenizer, synth_jsonl):
+def straight_run(tmp_path_factory, stream_tokenizer, synth_sft):
     tmp = tmp_path_factory.mktemp("straight")
-    assert run.main_train(write_config(tmp, "a", stream_tokenizer, synth_jsonl)) == 4
+    assert run.main_train(write_config(tmp, "a", stream_tokenizer, synth_sft)) == 4
     return tmp / "a"
 
 
-def test_stop_and_resume_equals_straight_run(tmp_path, stream_tokenizer, synth_jsonl, straight_run):
-    config = write_config(tmp_path, "b", stream_tokenizer, synth_jsonl)
+def test_stop_and_resume_equals_straight_run(tmp_path, stream_tokenizer, synth_sft, straight_run):
+    config = write_config(tmp_path, "b", stream_tokenizer, synth_sft)
     assert run.main_train(config, max_steps=1) == 1  # stops off the save schedule: saved anyway
     assert run.main_train(config) == 4
     b = tmp_path / "b"
-    assert sorted(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]  # keep = 2
+    assert saved_steps(b) == [2, 4]  # keep = 2
     (pa, step_a), (pb, step_b) = params_of(straight_run), params_of(b)
     assert step_a == step_b == 4
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
@@ -111,8 +58,8 @@ def test_export_loads_in_transformers(tmp_path, straight_run):
     assert tok.convert_tokens_to_ids("<|video_pad|>") == ours.config.video_token_id
 
 
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path, stream_tokenizer, synth_jsonl):
-    config = write_config(tmp_path, "c", stream_tokenizer, synth_jsonl, steps=1000, every=1000)
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, stream_tokenizer, synth_sft):
+    config = write_config(tmp_path, "c", stream_tokenizer, synth_sft, steps=1000, every=1000)
     proc = subprocess.Popen([sys.executable, "-c", f"from svlm_jax.train.run import main_train; "
                              f"main_train({str(config)!r})"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -128,8 +75,8 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, stream_tokenizer, synth_jsonl)
     assert "checkpoint saved" in output and params_of(tmp_path / "c")[1] == last
 
 
-def test_config_errors_name_the_field(tmp_path, stream_tokenizer, synth_jsonl):
-    good = write_config(tmp_path, "d", stream_tokenizer, synth_jsonl).read_text()
+def test_config_errors_name_the_field(tmp_path, stream_tokenizer, synth_sft):
+    good = write_config(tmp_path, "d", stream_tokenizer, synth_sft).read_text()
     cases = {"unknown field(s) stepz": good.replace("steps = 4", "stepz = 4"),
              "missing required field(s) steps": good.replace("steps = 4", ""),
              "lr must be float": good.replace("lr = 1e-3", 'lr = "fast"'),

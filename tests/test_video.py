@@ -213,6 +213,28 @@ def test_truncated_file_reports_early_end(tmp_path):
     assert yielded == [expected_second(k, 0.0, 2, rate, num_frames) for k in range(len(yielded))]
 
 
+def test_truncated_mpegts_reports_early_end(tmp_path):
+    """MPEG-TS declares no duration: a file cut inside a transport packet is reported after the seconds
+    before the cut; one cut between packets is a valid shorter stream, and the whole file is fine."""
+    rate, num_frames = 25, 250
+    data = write_video(tmp_path / "v.ts", num_frames, rate).read_bytes()
+    assert len(data) % 188 == 0
+    cut = tmp_path / "cut.ts"
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    yielded = []
+    with pytest.raises(VideoError, match=r"cut\.ts: stream ended early at [\d.]+ s: the file stops 100 bytes into "
+                                         r"a 188-byte transport stream packet"), VideoReader(cut) as reader:
+        for second in reader:
+            yielded.append([read_index(f) for f in second.frames_thwc])
+    assert 1 <= len(yielded) < 10
+    assert yielded == [expected_second(k, 0.0, 2, rate, num_frames) for k in range(len(yielded))]
+    cut.write_bytes(data[: len(data) // 2 // 188 * 188])
+    with VideoReader(cut) as reader:
+        assert 1 <= len(list(reader)) < 10
+    with VideoReader(tmp_path / "v.ts") as reader:
+        assert len(list(reader)) == 10
+
+
 def test_bad_arguments(tmp_path):
     path = write_video(tmp_path / "v.mp4", 10, 10)
     with pytest.raises(ValueError, match="fps"):

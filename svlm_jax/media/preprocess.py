@@ -1,23 +1,30 @@
-"""Qwen2-VL / Qwen2.5-VL vision preprocessing in numpy: smart_resize, bicubic resize, normalise, patchify.
+"""Qwen2-VL / 2.5-VL / 3-VL vision preprocessing: smart_resize, bicubic resize (Pillow), normalise, patchify (numpy).
 
-Reproduces what the Hugging Face `Qwen2VLImageProcessor` / `Qwen2VLVideoProcessor` (torchvision backend, CPU)
-produce for uint8 RGB input:
-  1. `smart_resize` picks the output size (both sides multiples of patch_size * merge_size = 28).
-  2. Antialiased bicubic resize of uint8 frames, bit-exact with torch's native uint8 kernel that torchvision calls
-     on CPU (Keys cubic a = -0.5 with the kernel widened by the scale when shrinking, as in PIL; weights quantised
-     to int16, integer accumulation, uint8 result after each of the horizontal and vertical passes).
+Reproduces what the Hugging Face `Qwen2VLImageProcessor` / `Qwen2VLVideoProcessor` / `Qwen3VLVideoProcessor`
+(torchvision backend, CPU) produce for uint8 RGB input:
+  1. `smart_resize` picks the output size (both sides multiples of patch_size * merge_size: 28, 32 for
+     Qwen3-VL, whose video processor bounds the pixels of the whole clip).
+  2. Antialiased bicubic resize of uint8 frames by Pillow, the filter of torch's native uint8 kernel that
+     torchvision calls on CPU (Keys cubic a = -0.5, widened by the scale when shrinking; horizontal pass, then
+     vertical, each rounded to uint8), within 2 of it (`resize_bicubic`).
   3. Fused rescale + normalise in float32: (x - mean*255) / (std*255), as HF's fused path computes it.
   4. Patchify into rows of channel * temporal_patch * patch * patch values ordered
      (grid_t, grid_h/merge, grid_w/merge, merge, merge) with (channel, temporal, patch_h, patch_w) inside a row.
 """
 
 import dataclasses
+import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)  # Qwen3-VL's
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +39,9 @@ class VisionPreprocessConfig:
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     rescale_factor: float = 1.0 / 255.0
+    # Qwen3-VL's video processor: the pixel bounds hold for all frames of a clip together, and frames
+    # with a side under `resize_factor` are scaled up first (see `smart_resize`).
+    bounds_count_frames: bool = False
 
     @property
     def resize_factor(self) -> int:
@@ -67,105 +77,99 @@ class VisionPreprocessConfig:
             rescale_factor=float(config.get("rescale_factor", defaults.rescale_factor)),
         )
 
+    @classmethod
+    def from_video_preprocessor_config(cls, config: dict) -> "VisionPreprocessConfig":
+        """Reads a `video_preprocessor_config.json` dict: Qwen2-VL's video processor (its defaults:
+        128 to 768 merged tokens a frame) or Qwen3-VL's (`video_processor_type` "Qwen3VLVideoProcessor":
+        16 px patches, mean and std 0.5, bounds over all frames)."""
+        if config.get("cap_pixels_per_frame"):
+            raise ValueError("video preprocessor config: cap_pixels_per_frame=true is not supported")
+        qwen3 = config.get("video_processor_type") == "Qwen3VLVideoProcessor"
+        patch = 16 if qwen3 else 14
+        factor = patch * 2
+        defaults = {"patch_size": patch, "image_mean": list(IMAGENET_STANDARD_MEAN if qwen3 else OPENAI_CLIP_MEAN),
+                    "image_std": list(IMAGENET_STANDARD_STD if qwen3 else OPENAI_CLIP_STD),
+                    "size": {"shortest_edge": 128 * factor * factor, "longest_edge": 768 * factor * factor}}
+        base = cls.from_preprocessor_config({**defaults, **config})
+        return dataclasses.replace(base, bounds_count_frames=qwen3)
+
 
 def smart_resize(
-    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
+    *, num_frames: int | None = None, temporal_factor: int = 2,
 ) -> tuple[int, int]:
     """Qwen's output size: both sides multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect
     ratio kept as closely as possible. Raises ValueError for an aspect ratio above 200, as HF does.
 
+    With `num_frames` (Qwen3-VL's video rule) the pixel count is that of the whole clip, its frames rounded to a
+    multiple of `temporal_factor`, and a side under `factor` is first scaled up to it.
     Uses Python's round (half to even) exactly like the HF implementation, so e.g. 42 px rounds to 56 but 14 to 0.
     """
+    frames, t_bar = 1, 1
+    if num_frames is not None:
+        if num_frames < temporal_factor:
+            raise ValueError(f"a clip of {num_frames} frames is shorter than the temporal patch ({temporal_factor})")
+        if height < factor or width < factor:
+            scale = max(factor / height, factor / width)
+            height, width = int(height * scale), int(width * scale)
+        frames, t_bar = num_frames, round(num_frames / temporal_factor) * temporal_factor
     if max(height, width) / min(height, width) > 200:
         raise ValueError(
             f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
         )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((frames * height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
 
 
-def _keys_cubic(x: np.ndarray) -> np.ndarray:
-    """Keys cubic convolution kernel with a = -0.5 (PIL's and torch's antialiased bicubic), float64."""
-    a = -0.5
-    x = np.abs(x)
-    # Same operation order as torch's cubic_convolution1/2 so the double weights round identically.
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+def _resize_frame(frame_hwc: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One uint8 RGB frame [H, W, 3] -> [height, width, 3]: width first, then height, as torch does."""
+    image = Image.fromarray(frame_hwc)
+    if image.width != width:
+        image = image.resize((width, image.height), Image.Resampling.BICUBIC)
+    if image.height != height:
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(image)
 
 
-def _int16_resample_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Source indices [out, taps], int16-quantised weights [out, taps] and their precision in bits.
-
-    Follows torch's HelperInterpCubic::compute_index_ranges_int16_weights (antialias=True, align_corners=False):
-    a sample at output pixel i reads source pixels [xmin, xmin + xsize); unused taps get weight 0 and index 0.
-    """
-    scale = in_size / out_size
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    taps = int(math.ceil(support)) * 2 + 1
-    invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    center = scale * (np.arange(out_size, dtype=np.float64) + 0.5)
-    # C casts truncate toward zero; astype(int64) does the same.
-    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)
-    xsize = np.clip(np.minimum((center + support + 0.5).astype(np.int64), in_size) - xmin, 0, taps)
-    j = np.arange(taps, dtype=np.int64)[None, :]
-    valid = j < xsize[:, None]
-    offsets = ((j + xmin[:, None]).astype(np.float64) - center[:, None] + 0.5) * invscale
-    weights = np.where(valid, _keys_cubic(offsets), 0.0)
-    # Sequential sum over taps, like the C loop (a pairwise sum could differ in the last bit).
-    total = np.zeros(out_size, dtype=np.float64)
-    for k in range(taps):
-        total = total + weights[:, k]
-    weights = np.where(total[:, None] != 0.0, weights / np.where(total == 0.0, 1.0, total)[:, None], weights)
-    weight_max = float(weights.max())
-    precision = 0
-    while precision < 22 and int(0.5 + weight_max * (1 << (precision + 1))) < (1 << 15):
-        precision += 1
-    scaled = weights * (1 << precision)
-    weights_int = np.where(scaled < 0, np.trunc(-0.5 + scaled), np.trunc(0.5 + scaled)).astype(np.int32)
-    indices = np.where(valid, xmin[:, None] + j, 0)
-    return indices, weights_int, precision
+@functools.cache
+def _frame_threads() -> ThreadPoolExecutor:
+    """Pillow lets go of the GIL while it resizes, so the frames of a second resize on all cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ThreadPoolExecutor(max_workers=cores, thread_name_prefix="resize")
 
 
-def _resample_axis(pixels_u8: np.ndarray, axis: int, out_size: int) -> np.ndarray:
-    """One antialiased bicubic pass along `axis` of a uint8 array; integer arithmetic, rounded and clamped to uint8."""
-    indices, weights, precision = _int16_resample_weights(pixels_u8.shape[axis], out_size)
-    shape = [1] * pixels_u8.ndim
-    shape[axis] = out_size
-    acc = np.full(
-        pixels_u8.shape[:axis] + (out_size,) + pixels_u8.shape[axis + 1 :], 1 << (precision - 1), dtype=np.int32
-    )
-    pixels = pixels_u8.astype(np.int32)
-    for k in range(indices.shape[1]):
-        acc += np.take(pixels, indices[:, k], axis=axis) * weights[:, k].reshape(shape)
-    return np.clip(acc >> precision, 0, 255).astype(np.uint8)
+# A forked child (a data loader worker) has none of its parent's threads: it starts its own pool.
+os.register_at_fork(after_in_child=_frame_threads.cache_clear)
 
 
 def resize_bicubic(frames_thwc: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Antialiased bicubic resize of uint8 frames [..., H, W, C] to [..., height, width, C].
+    """Antialiased bicubic resize of uint8 RGB frames [..., H, W, 3] to [..., height, width, 3], by Pillow.
 
-    Bit-exact with torch.nn.functional.interpolate(uint8, mode="bicubic", antialias=True) on CPU, which is what
-    torchvision's resize (and so HF's Qwen2-VL processors) run for uint8 tensors on CPU. Width is resampled first,
-    then height, each pass ending in uint8; an axis whose size does not change is left untouched.
+    Pillow's antialiased bicubic is the filter torch.nn.functional.interpolate(uint8, mode="bicubic",
+    antialias=True) runs on CPU, which torchvision's resize (and so HF's Qwen2-VL processors) call for uint8
+    tensors: Keys cubic a = -0.5, widened by the scale when shrinking, width resampled first, then height,
+    each pass rounded to uint8. Pillow keeps the weights to 22 bits where torch rounds them to 16-bit
+    integers, so a pass can round a value 1 the other way: at most 2 apart after both, on about 1% of the
+    values. (HF's PIL-backend image processor resizes with Pillow in one call, which shrinks first: the
+    same result when both sides shrink or both grow.) An axis whose size does not change is left untouched.
     """
-    if frames_thwc.dtype != np.uint8:
-        raise TypeError(f"resize_bicubic expects uint8 frames, got {frames_thwc.dtype}")
-    h_axis, w_axis = frames_thwc.ndim - 3, frames_thwc.ndim - 2
-    resized = frames_thwc
-    if resized.shape[w_axis] != width:
-        resized = _resample_axis(resized, w_axis, width)
-    if resized.shape[h_axis] != height:
-        resized = _resample_axis(resized, h_axis, height)
-    return resized
+    if frames_thwc.dtype != np.uint8 or frames_thwc.shape[-1] != 3:
+        raise TypeError(f"resize_bicubic expects uint8 RGB frames [..., H, W, 3], got {frames_thwc.dtype} "
+                        f"{frames_thwc.shape}")
+    frames = frames_thwc.reshape(-1, *frames_thwc.shape[-3:])
+    if frames.shape[1:3] == (height, width):
+        return frames_thwc
+    resized = list(_frame_threads().map(lambda frame: _resize_frame(frame, height, width), frames))
+    return np.stack(resized).reshape(*frames_thwc.shape[:-3], height, width, 3)
 
 
 def normalize(frames_thwc: np.ndarray, config: VisionPreprocessConfig) -> np.ndarray:
@@ -205,6 +209,8 @@ def resize_for_model(frames_thwc: np.ndarray, config: VisionPreprocessConfig) ->
         factor=config.resize_factor,
         min_pixels=config.min_pixels,
         max_pixels=config.max_pixels,
+        num_frames=frames_thwc.shape[0] if config.bounds_count_frames else None,
+        temporal_factor=config.temporal_patch_size,
     )
     return resize_bicubic(frames_thwc, height, width)
 

@@ -12,7 +12,9 @@ End of input:
   all its frames; it is reported in `VideoReader.end_time` and `VideoReader.unused_tail_s`, and logged.
 - A stream that stops more than a second before the duration its container declares (a truncated file), or whose
   data cannot be decoded part way, raises VideoError after the complete seconds before it were yielded; those
-  seconds stay valid.
+  seconds stay valid. An MPEG-TS declares no duration: a TS file is truncated when it ends inside a transport
+  packet (its size is no whole number of packets), reported the same way. One cut exactly between two packets
+  is a valid shorter stream, which nothing in the file tells apart.
 """
 
 import dataclasses
@@ -30,6 +32,9 @@ import numpy as np
 from svlm_jax.stream_format import CachePolicy
 
 logger = logging.getLogger(__name__)
+# Transport stream packet sizes FFmpeg reads: plain, M2TS (a 4-byte timecode before the sync byte) and
+# with 16 bytes of Reed-Solomon parity; every packet starts with the sync byte 0x47.
+TS_PACKET_SIZES = {188: 0, 192: 4, 204: 0}  # size: offset of the sync byte
 
 
 class VideoError(Exception):
@@ -96,6 +101,7 @@ class VideoReader:
             raise VideoError(f"{self.source_name}: the file is empty (0 bytes)")
         if isinstance(source, (str, os.PathLike)) and str(source) == "-":
             source = sys.stdin.buffer
+        self._path = os.fspath(source) if is_path else None
         self._seekable = is_path or (not isinstance(source, (str, os.PathLike)) and _file_seekable(source))
         try:
             self._container = av.open(source, mode="r", format=format, options=options or {})
@@ -251,6 +257,9 @@ class VideoReader:
             raise VideoError(f"{self.source_name}: no decodable video frames{after}")
         self.end_time = float(end)
         self.unused_tail_s = max(0.0, float(end - (self.start + complete_seconds)))
+        if (partial := self._partial_ts_packet()) is not None:
+            raise VideoError(f"{self.source_name}: stream ended early at {float(end):.3f} s: the file stops "
+                             f"{partial[0]} bytes into a {partial[1]}-byte transport stream packet (truncated input)")
         declared = self._declared_duration()
         if declared is not None and end < declared - 1:
             raise VideoError(
@@ -262,6 +271,18 @@ class VideoReader:
                 "%s: input ends at %.3f s; the last %.3f s do not fill a whole second and were not used",
                 self.source_name, self.end_time, self.unused_tail_s,
             )
+
+    def _partial_ts_packet(self) -> tuple[int, int] | None:
+        """(bytes of the last packet, packet size) when this is an MPEG-TS file ending inside a packet."""
+        if self._path is None or "mpegts" not in self._container.format.name.split(","):
+            return None
+        with open(self._path, "rb") as file:
+            head = file.read(3 * max(TS_PACKET_SIZES) + max(TS_PACKET_SIZES.values()))
+        size = next((size for size, sync in TS_PACKET_SIZES.items()
+                     if len(head) >= sync + 2 * size + 1 and all(head[sync + k * size] == 0x47 for k in range(3))),
+                    None)
+        tail = None if size is None else os.path.getsize(self._path) % size
+        return (tail, size) if tail else None
 
     __iter__ = seconds
 

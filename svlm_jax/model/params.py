@@ -1,9 +1,11 @@
 """Parameter pytrees: dataclasses of arrays, per-layer weights stacked on a leading layer axis.
 
 Axis letters in field names document the shapes (`param_shapes`): L layers, D text hidden, N query
-heads, K kv heads, H head dim, F MLP width, V vocab, C vision channels, P patch values (1176),
-E merger width (4C). Matrices are stored [in, out]. Fields that a variant lacks are None (Qwen2-VL
-has no gate, LayerNorm biases only there, tied embeddings have no separate head).
+heads, K kv heads, H head dim, F MLP width, V vocab, C vision channels, P patch values (1176, 1536 for
+Qwen3-VL), E merger width (4C), Q rows of the learned position table, S DeepStack levels. Matrices are stored
+[in, out]. Fields that a variant lacks are None (Qwen2-VL has no gate, LayerNorm biases only in
+Qwen2-VL and Qwen3-VL, q/k/v biases only in Qwen2, q/k norms, patch bias, position table and
+DeepStack mergers only in Qwen3-VL, tied embeddings have no separate head).
 
 What each parameter is for training (its logical axes, which train/sharding.py maps to mesh axes,
 its initialisation and whether AdamW decays it) is `PARAM_RULES`, keyed by the parameter's dotted
@@ -42,6 +44,19 @@ class VisionBlocks:
 
 
 @struct.dataclass
+class DeepstackMergers:
+    """Qwen3-VL's DeepStack mergers, stacked on S: each norms the 2x2-merged features (over E, after
+    the merge, unlike the main merger) before the same fc1-GELU-fc2."""
+
+    norm_w_se: jax.Array
+    norm_b_se: jax.Array
+    fc1_w_see: jax.Array
+    fc1_b_se: jax.Array
+    fc2_w_sed: jax.Array
+    fc2_b_sd: jax.Array
+
+
+@struct.dataclass
 class VisionParams:
     patch_w_pc: jax.Array
     blocks: VisionBlocks
@@ -51,22 +66,27 @@ class VisionParams:
     merger_fc1_b_e: jax.Array
     merger_fc2_w_ed: jax.Array
     merger_fc2_b_d: jax.Array
+    patch_b_c: jax.Array | None = None
+    pos_embed_qc: jax.Array | None = None
+    deepstack: DeepstackMergers | None = None
 
 
 @struct.dataclass
 class TextLayers:
     attn_norm_ld: jax.Array
     q_w_ldnh: jax.Array
-    q_b_lnh: jax.Array
+    q_b_lnh: jax.Array | None
     k_w_ldkh: jax.Array
-    k_b_lkh: jax.Array
+    k_b_lkh: jax.Array | None
     v_w_ldkh: jax.Array
-    v_b_lkh: jax.Array
+    v_b_lkh: jax.Array | None
     o_w_lnhd: jax.Array
     mlp_norm_ld: jax.Array
     gate_w_ldf: jax.Array
     up_w_ldf: jax.Array
     down_w_lfd: jax.Array
+    q_norm_lh: jax.Array | None = None
+    k_norm_lh: jax.Array | None = None
 
 
 @struct.dataclass
@@ -97,6 +117,7 @@ def param_shapes(config: ModelConfig) -> Params:
     L, C, N, H, F = v.depth, v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size
     E = C * v.merge_unit
     qwen25 = v.kind == "qwen2_5_vl"
+    S = len(v.deepstack_visual_indexes)
     vision = VisionParams(
         patch_w_pc=(v.patch_dim, C),
         blocks=VisionBlocks(
@@ -109,16 +130,24 @@ def param_shapes(config: ModelConfig) -> Params:
         merger_norm_w_c=(C,), merger_norm_b_c=None if qwen25 else (C,),
         merger_fc1_w_ee=(E, E), merger_fc1_b_e=(E,),
         merger_fc2_w_ed=(E, v.out_hidden_size), merger_fc2_b_d=(v.out_hidden_size,),
+        patch_b_c=(C,) if v.patch_bias else None,
+        pos_embed_qc=(v.num_position_embeddings, C) if v.num_position_embeddings else None,
+        deepstack=DeepstackMergers(
+            norm_w_se=(S, E), norm_b_se=(S, E), fc1_w_see=(S, E, E), fc1_b_se=(S, E),
+            fc2_w_sed=(S, E, v.out_hidden_size), fc2_b_sd=(S, v.out_hidden_size)) if S else None,
     )
     Lt, D, Nq, K, Ht, Ft, V = (t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim,
                                t.intermediate_size, t.vocab_size)
+    bias = t.qkv_bias
     text = TextParams(
         embed_vd=(V, D),
         layers=TextLayers(
-            attn_norm_ld=(Lt, D), q_w_ldnh=(Lt, D, Nq, Ht), q_b_lnh=(Lt, Nq, Ht),
-            k_w_ldkh=(Lt, D, K, Ht), k_b_lkh=(Lt, K, Ht), v_w_ldkh=(Lt, D, K, Ht), v_b_lkh=(Lt, K, Ht),
+            attn_norm_ld=(Lt, D), q_w_ldnh=(Lt, D, Nq, Ht), q_b_lnh=(Lt, Nq, Ht) if bias else None,
+            k_w_ldkh=(Lt, D, K, Ht), k_b_lkh=(Lt, K, Ht) if bias else None,
+            v_w_ldkh=(Lt, D, K, Ht), v_b_lkh=(Lt, K, Ht) if bias else None,
             o_w_lnhd=(Lt, Nq, Ht, D), mlp_norm_ld=(Lt, D),
-            gate_w_ldf=(Lt, D, Ft), up_w_ldf=(Lt, D, Ft), down_w_lfd=(Lt, Ft, D)),
+            gate_w_ldf=(Lt, D, Ft), up_w_ldf=(Lt, D, Ft), down_w_lfd=(Lt, Ft, D),
+            q_norm_lh=(Lt, Ht) if t.qk_norm else None, k_norm_lh=(Lt, Ht) if t.qk_norm else None),
         final_norm_d=(D,), lm_head_dv=None if t.tie_word_embeddings else (D, V),
     )
     return Params(vision=vision, text=text)
@@ -173,6 +202,16 @@ PARAM_RULES: dict[str, ParamRule] = {
     "vision.merger_fc1_b_e": _bias("vision_merger"),
     "vision.merger_fc2_w_ed": _weight("vision_merger", "vision_out"),
     "vision.merger_fc2_b_d": _bias("vision_out"),
+    "vision.patch_b_c": _bias("vision_embed"),
+    # Rows of the learned position table: a vision axis like the others (replicated).
+    "vision.pos_embed_qc": _weight("vision_patch", "vision_embed"),
+    # DeepStack levels stack like blocks.
+    "vision.deepstack.norm_w_se": _norm_weight("vision_layers", "vision_merger"),
+    "vision.deepstack.norm_b_se": _bias("vision_layers", "vision_merger"),
+    "vision.deepstack.fc1_w_see": _weight("vision_layers", "vision_merger", "vision_merger"),
+    "vision.deepstack.fc1_b_se": _bias("vision_layers", "vision_merger"),
+    "vision.deepstack.fc2_w_sed": _weight("vision_layers", "vision_merger", "vision_out"),
+    "vision.deepstack.fc2_b_sd": _bias("vision_layers", "vision_out"),
     "text.embed_vd": _weight("vocab", "embed"),
     "text.layers.attn_norm_ld": _norm_weight("layers", "embed"),
     "text.layers.q_w_ldnh": _weight("layers", "embed", "q_heads", "head_dim"),
@@ -186,6 +225,8 @@ PARAM_RULES: dict[str, ParamRule] = {
     "text.layers.gate_w_ldf": _weight("layers", "embed", "mlp"),
     "text.layers.up_w_ldf": _weight("layers", "embed", "mlp"),
     "text.layers.down_w_lfd": _weight("layers", "mlp", "embed"),
+    "text.layers.q_norm_lh": _norm_weight("layers", "head_dim"),
+    "text.layers.k_norm_lh": _norm_weight("layers", "head_dim"),
     "text.final_norm_d": _norm_weight("embed"),
     "text.lm_head_dv": _weight("embed", "vocab"),
 }

@@ -1,4 +1,4 @@
-"""Rotary embeddings and the 3D (M-RoPE) position rule of Qwen2-VL / Qwen2.5-VL.
+"""Rotary embeddings and the 3D (M-RoPE) position rule of Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
 
 One definition of the position rule, used by `forward`, the streaming cache and training:
   * a text token at position p gets (p, p, p);
@@ -6,19 +6,59 @@ One definition of the position rule, used by `forward`, the streaming cache and 
     (s + floor(k * dt), s + r, s + c), dt = tokens_per_second * second_per_grid_t for videos, 1 for
     images and for Qwen2-VL;
   * text after the block resumes at `s + vision_span(...)` (see `vision_span`).
+Qwen3-VL gives a video's time as text ("<t seconds>" before each temporal patch), so each temporal
+patch is a block of its own (`frame_grids`: T = 1, where both resume rules agree).
 `accumulate_positions` is that rule over a sequence of steps, shared by `rope_positions` (host, any
 batch) and the streaming cache (on device, slots in logical order).
-The rotary functions themselves (rotate-half) live in `kernels_pallas.rotary`, which the attention
-kernels use for keys cached before RoPE; they are re-exported here for the model.
+Rotary layout is rotate-half: angles for frequency i sit at dims i and i + head_dim/2. M-RoPE:
+frequency pairs are split by `mrope_section` into consecutive runs turned by the t, h and w
+position (run j by axis j % 3); interleaved (Qwen3-VL), frequency i is turned by h when i % 3 == 1
+and i < 3 * mrope_section[1], by w when i % 3 == 2 and i < 3 * mrope_section[2], else by t.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.rotary import apply_rotary, inv_freq, mrope_angles, mrope_axis  # noqa: F401 - re-exported
+
+def inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] in float32, as HF computes them."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+
+
+def mrope_axis(mrope_section: tuple[int, ...], interleaved: bool = False) -> np.ndarray:
+    """Axis (0=t, 1=h, 2=w) of each of the sum(mrope_section) frequency pairs [H/2]."""
+    if not interleaved:
+        return np.concatenate([np.full(n, i % 3, np.int32) for i, n in enumerate(mrope_section)])
+    axis = np.zeros(sum(mrope_section), np.int32)
+    for dim in (1, 2):
+        axis[dim:3 * mrope_section[dim]:3] = dim
+    return axis
+
+
+def mrope_angles(positions_bt3, inv_freq_f, mrope_section, interleaved: bool = False):
+    """Rotation angles [B, T, H/2] (float32): frequency i turns by positions[..., axis(i)] * inv_freq[i]."""
+    axis_f = jnp.asarray(mrope_axis(mrope_section, interleaved))
+    pos_btf = jnp.take(positions_bt3, axis_f, axis=-1).astype(jnp.float32)
+    return pos_btf * jnp.asarray(inv_freq_f, jnp.float32)
+
+
+def apply_rotary(x_btnh, angles_bth2):
+    """Rotate-half RoPE of x [B, T, N, H] by angles [B, T, H/2]; computed in float32, returned in x's dtype."""
+    return rotate_half(x_btnh, angles_bth2[:, :, None, :])
+
+
+def rotate_half(x, angles):
+    """Rotate-half RoPE of x [..., H] by angles [..., H/2] broadcast against x's other axes;
+    computed in float32, returned in x's dtype."""
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
 
 # How text resumes after a vision block. "max_hw" is transformers >= 5 (s + max(R, C));
 # "qwen" is the original Qwen rule (s + max(floor(dt*(T-1)), R-1, C-1) + 1). They agree when T == 1.
@@ -34,6 +74,14 @@ def vision_hw_positions(grid_thw, spatial_merge: int) -> np.ndarray:
     rows_hw = np.broadcast_to(rows, (h // m, m, w // m, m)).transpose(0, 2, 1, 3).reshape(-1)
     cols_hw = np.broadcast_to(cols, (h // m, m, w // m, m)).transpose(0, 2, 1, 3).reshape(-1)
     return np.tile(np.stack([rows_hw, cols_hw], axis=-1), (t, 1)).astype(np.int32)
+
+
+def frame_grids(grid_thw) -> np.ndarray:
+    """Videos [n, 3] as blocks of one temporal patch each [sum T, 3], in order (Qwen3-VL)."""
+    grids = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    frames = np.repeat(grids, grids[:, 0], axis=0)
+    frames[:, 0] = 1
+    return frames
 
 
 def vision_block_offsets(grid_thw, spatial_merge: int, time_interval: float) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""The Qwen2 language model as pure functions over `TextParams`.
+"""The Qwen2 / Qwen3 language model as pure functions over `TextParams`.
 
 A decoder layer is split in two so the streaming engine can put its cache between them:
-`project_qkv` (norm, q/k/v with bias) and `finish_layer` (output projection, residual, SwiGLU MLP).
-Rotary is applied by the caller (the engine caches keys before rotation).
-Axes: B batch, T tokens, D hidden, N query heads, K kv heads, H head dim, V vocab.
+`project_qkv` (norm, q/k/v with bias for Qwen2, per-head q/k RMSNorm for Qwen3) and `finish_layer`
+(output projection, residual, SwiGLU MLP). Rotary is applied by the caller (the engine caches keys
+before rotation). Qwen3-VL's DeepStack adds vision features to the output of the first layers
+(`add_deepstack`). Axes: B batch, T tokens, D hidden, N query heads, K kv heads, H head dim, V vocab,
+S DeepStack levels.
 """
 
 from __future__ import annotations
@@ -21,15 +23,22 @@ from svlm_jax.model.vision import rms_norm
 def project_qkv(cfg: TextConfig, layer: TextLayers, x_btd):
     """Pre-attention norm and projections: q [B,T,N,H], k and v [B,T,K,H], not yet rotated."""
     h = rms_norm(x_btd, layer.attn_norm_ld, cfg.rms_norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, layer.q_w_ldnh) + layer.q_b_lnh
-    k = jnp.einsum("BTD,DKH->BTKH", h, layer.k_w_ldkh) + layer.k_b_lkh
-    v = jnp.einsum("BTD,DKH->BTKH", h, layer.v_w_ldkh) + layer.v_b_lkh
+    q = jnp.einsum("BTD,DNH->BTNH", h, layer.q_w_ldnh)
+    k = jnp.einsum("BTD,DKH->BTKH", h, layer.k_w_ldkh)
+    v = jnp.einsum("BTD,DKH->BTKH", h, layer.v_w_ldkh)
+    if cfg.qkv_bias:
+        q, k, v = q + layer.q_b_lnh, k + layer.k_b_lkh, v + layer.v_b_lkh
+    if cfg.qk_norm:
+        q, k = rms_norm(q, layer.q_norm_lh, cfg.rms_norm_eps), rms_norm(k, layer.k_norm_lh, cfg.rms_norm_eps)
     return q, k, v
 
 
 def finish_layer(cfg: TextConfig, layer: TextLayers, x_btd, attn_btnh):
     """Output projection and residual, then the SwiGLU MLP block with its residual."""
-    x_btd = x_btd + jnp.einsum("BTNH,NHD->BTD", attn_btnh, layer.o_w_lnhd)
+    # Heads flattened on both sides: XLA then transposes the small attention output, not o_w.
+    b, t, n, h = attn_btnh.shape
+    o_w_ed = layer.o_w_lnhd.reshape(n * h, -1)
+    x_btd = x_btd + jnp.einsum("BTE,ED->BTD", attn_btnh.reshape(b, t, n * h), o_w_ed)
     h = rms_norm(x_btd, layer.mlp_norm_ld, cfg.rms_norm_eps)
     gate = jnp.einsum("BTD,DF->BTF", h, layer.gate_w_ldf)
     up = jnp.einsum("BTD,DF->BTF", h, layer.up_w_ldf)
@@ -38,29 +47,42 @@ def finish_layer(cfg: TextConfig, layer: TextLayers, x_btd, attn_btnh):
 
 def text_angles(cfg: TextConfig, positions_bt3):
     """M-RoPE angles [B, T, H/2] for 3D positions."""
-    return rope.mrope_angles(positions_bt3, rope.inv_freq(cfg.head_dim, cfg.rope_theta), cfg.mrope_section)
+    return rope.mrope_angles(positions_bt3, rope.inv_freq(cfg.head_dim, cfg.rope_theta), cfg.mrope_section,
+                             cfg.mrope_interleaved)
+
+
+def add_deepstack(x_btd, deepstack_sbtd, layer_index):
+    """The output of layer `layer_index` plus its DeepStack features (level `layer_index` of
+    deepstack_sbtd [S, B, T, D], zero away from vision tokens); unchanged past the S levels."""
+    n_levels = deepstack_sbtd.shape[0]
+    level_btd = deepstack_sbtd[jnp.minimum(layer_index, n_levels - 1)].astype(x_btd.dtype)
+    return jnp.where(layer_index < n_levels, x_btd + level_btd, x_btd)
 
 
 def decode_hidden(cfg: TextConfig, params: TextParams, x_btd, positions_bt3, segment_bt, order_bt, *,
-                  remat: bool = False, attention_backend: str = "auto"):
+                  deepstack_sbtd=None, remat: bool = False, remat_policy=None, attention_backend: str = "auto"):
     """All decoder layers over full sequences (no cache) and the final norm: hidden [B, T, D].
 
     Attention: causal in `order_bt`, within equal `segment_bt` (0 = padding), by
     `kernels_pallas.causal_attention` on `attention_backend` (differentiable with every backend).
-    `remat` rematerialises each layer in the backward pass (training).
+    `deepstack_sbtd` (Qwen3-VL with vision, else None): features added after each of the first S layers.
+    `remat` rematerialises each layer in the backward pass (training), keeping what the jax.checkpoint
+    `remat_policy` lets it save (None: only the layer's input).
     """
     angles_bth2 = text_angles(cfg, positions_bt3)
 
-    def layer_fn(x, layer):
+    def layer_fn(x, layer_and_index):
+        layer, index = layer_and_index
         q, k, v = project_qkv(cfg, layer, x)
         q, k = rope.apply_rotary(q, angles_bth2), rope.apply_rotary(k, angles_bth2)
         o = attention_api.causal_attention(q, k, v, segment_bt, segment_bt, order_bt, order_bt,
                                            backend=attention_backend)
-        return finish_layer(cfg, layer, x, o), None
+        x = finish_layer(cfg, layer, x, o)
+        return (x if deepstack_sbtd is None else add_deepstack(x, deepstack_sbtd, index)), None
 
     if remat:
-        layer_fn = jax.checkpoint(layer_fn)
-    x_btd, _ = jax.lax.scan(layer_fn, x_btd, params.layers)
+        layer_fn = jax.checkpoint(layer_fn, policy=remat_policy)
+    x_btd, _ = jax.lax.scan(layer_fn, x_btd, (params.layers, jnp.arange(cfg.num_layers)))
     return rms_norm(x_btd, params.final_norm_d, cfg.rms_norm_eps)
 
 

@@ -1,7 +1,8 @@
 """The whole vision-language model: vision features placed at their pad tokens, then the LM.
 
-`forward` takes the inputs transformers' Qwen2(.5)-VL takes and returns logits [B, T, V]; the
-host part (positions, vision layout, checks) is numpy, the rest one jit-compiled function.
+`forward` takes the inputs transformers' Qwen2(.5)-VL / Qwen3-VL take and returns logits [B, T, V];
+the host part (positions, vision layout, checks) is numpy, the rest one jit-compiled function.
+Qwen3-VL's DeepStack features go to the same pad tokens, added after the first LM layers.
 """
 
 from __future__ import annotations
@@ -37,31 +38,47 @@ def place_vision_features(cfg: ModelConfig, embeds_btd, input_ids_bt, features_m
     return flat.reshape(embeds_btd.shape)
 
 
-def embed(model: Model, input_ids_bt, rows_pv=None, layout: vision.VisionLayout | None = None):
-    """Token embeddings with vision features in place: [B, T, D]."""
+def embed_with_deepstack(model: Model, input_ids_bt, rows_pv=None, layout: vision.VisionLayout | None = None):
+    """Token embeddings with vision features in place [B, T, D], and the DeepStack features for
+    `text.decode_hidden` [S, B, T, D] (zero away from vision tokens), None without vision or DeepStack."""
     p = model.params
     x_btd = p.text.embed_vd[input_ids_bt]
-    if rows_pv is not None:
-        features_md = vision.encode(model.config.vision, p.vision, rows_pv, layout)
-        x_btd = place_vision_features(model.config, x_btd, input_ids_bt, features_md)
-    return x_btd
+    if rows_pv is None:
+        return x_btd, None
+    features_md, deep_smd = vision.encode_with_deepstack(model.config.vision, p.vision, rows_pv, layout)
+    x_btd = place_vision_features(model.config, x_btd, input_ids_bt, features_md)
+    if deep_smd is None:
+        return x_btd, None
+    place = functools.partial(place_vision_features, model.config, jnp.zeros_like(x_btd), input_ids_bt)
+    return x_btd, jax.vmap(place)(deep_smd)
+
+
+def embed(model: Model, input_ids_bt, rows_pv=None, layout: vision.VisionLayout | None = None):
+    """Token embeddings with vision features in place: [B, T, D], for a model without DeepStack
+    (a Qwen3-VL input with vision needs `embed_with_deepstack`: it is refused here, not cut short)."""
+    if rows_pv is not None and model.config.vision.deepstack_visual_indexes:
+        raise ValueError("this model adds DeepStack vision features inside the LM: use embed_with_deepstack "
+                         "and pass its features to text.decode_hidden")
+    return embed_with_deepstack(model, input_ids_bt, rows_pv, layout)[0]
 
 
 @jax.jit
 def _forward_jit(model: Model, input_ids_bt, positions_bt3, segment_bt, rows_pv, layout):
-    x_btd = embed(model, input_ids_bt, rows_pv, layout)
+    x_btd, deepstack_sbtd = embed_with_deepstack(model, input_ids_bt, rows_pv, layout)
     order_bt = jnp.broadcast_to(jnp.arange(input_ids_bt.shape[1], dtype=jnp.int32), input_ids_bt.shape)
-    hidden = text.decode_hidden(model.config.text, model.params.text, x_btd, positions_bt3, segment_bt, order_bt)
+    hidden = text.decode_hidden(model.config.text, model.params.text, x_btd, positions_bt3, segment_bt, order_bt,
+                                deepstack_sbtd=deepstack_sbtd)
     return text.logits(model.params.text, hidden)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_jit(cfg, params, rows_pv, layout):
-    return vision.encode(cfg, params, rows_pv, layout)
+    return vision.encode_with_deepstack(cfg, params, rows_pv, layout)[0]
 
 
 def encode_vision(model: Model, pixel_values, grid_thw):
-    """The vision tower alone: patch rows [P, 1176] and grids -> merged features [P/4, D]."""
+    """The vision tower alone: patch rows [P, patch_dim] and grids -> merged features [P/4, D]
+    (transformers' pooler_output; Qwen3-VL's DeepStack features are not returned)."""
     rows = _check_rows(model.config, pixel_values, grid_thw, "pixel_values")
     return _encode_jit(model.config.vision, model.params.vision, rows, vision.vision_layout(model.config.vision, grid_thw))
 
@@ -79,9 +96,12 @@ def _check_rows(cfg: ModelConfig, rows, grid_thw, name):
 
 def positions_for(cfg: ModelConfig, input_ids_bt, *, image_grid_thw=None, video_grid_thw=None,
                   second_per_grid_ts=None, attention_mask=None) -> np.ndarray:
-    """3D positions [B, T, 3] for a batch, by the one position rule in `rope`."""
+    """3D positions [B, T, 3] for a batch, by the one position rule in `rope` (Qwen3-VL: each temporal
+    patch of a video is a block of its own; `second_per_grid_ts` plays no part, time being text)."""
     intervals = None
-    if video_grid_thw is not None:
+    if video_grid_thw is not None and cfg.frame_blocks:
+        video_grid_thw = rope.frame_grids(video_grid_thw)
+    elif video_grid_thw is not None:
         n_videos = len(vision.grid_list(video_grid_thw))
         seconds = np.ones(n_videos) if second_per_grid_ts is None else np.asarray(second_per_grid_ts, np.float64)
         if seconds.shape != (n_videos,):
@@ -96,11 +116,11 @@ def positions_for(cfg: ModelConfig, input_ids_bt, *, image_grid_thw=None, video_
 
 def forward(model: Model, input_ids, *, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
             video_grid_thw=None, second_per_grid_ts=None, attention_mask=None):
-    """Logits [B, T, V] (float32) for a batch, as transformers' Qwen2(.5)-VL computes them.
+    """Logits [B, T, V] (float32) for a batch, as transformers' Qwen2(.5)-VL / Qwen3-VL compute them.
 
-    input_ids [B, T]; pixel_values / pixel_values_videos: processor rows [P, 1176] with their
-    grids [n, 3]; second_per_grid_ts [n_videos]; attention_mask [B, T] (1 = token, 0 = padding;
-    padded positions get arbitrary logits).
+    input_ids [B, T]; pixel_values / pixel_values_videos: processor rows [P, patch_dim] with their
+    grids [n, 3]; second_per_grid_ts [n_videos] (Qwen2.5-VL); attention_mask [B, T] (1 = token,
+    0 = padding; padded positions get arbitrary logits).
     """
     cfg = model.config
     ids_bt = np.asarray(input_ids)

@@ -22,7 +22,7 @@ class ProtocolError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    previous_text: str = ""
+    previous_text: str | None = None  # None: the server's (the checkpoint's stream defaults)
     query: str | None = None
     fps: int = CachePolicy.fps  # frames per second the client sends
     source: str | None = None   # a path or URL the server reads instead

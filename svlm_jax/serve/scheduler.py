@@ -20,26 +20,13 @@ from PIL import Image
 
 from svlm_jax.media.live import paced
 from svlm_jax.media.video import VideoError, VideoReader
+from svlm_jax.serve.config import ServeConfig
 from svlm_jax.serve.protocol import ProtocolError, Start
 from svlm_jax.streaming import StreamingSession
 
 logger = logging.getLogger(__name__)
 
 Send = Callable[[dict], None]  # hands one server message to the client's connection (thread-safe)
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeConfig:
-    max_streams: int = 4
-    frame_size: tuple[int, int] = (448, 252)  # (width, height) every frame is resized to
-    max_queue_s: int = 8                      # whole seconds a stream may queue before the oldest is dropped
-    max_message_bytes: int = 8 * 2**20
-
-    def __post_init__(self):
-        if self.max_streams < 1 or self.max_queue_s < 1 or self.max_message_bytes < 1:
-            raise ValueError(f"max_streams, max_queue_s and max_message_bytes must be >= 1: {self}")
-        if min(self.frame_size) < 1:
-            raise ValueError(f"frame sides must be positive, got {self.frame_size}")
 
 
 class ServerFull(RuntimeError):
@@ -121,10 +108,11 @@ class Server:
             stream = Stream(row=self._free.pop(0), start=start, send=send)
             self._streams[stream.row] = stream
             self._lock.notify_all()
+        # Ready before the source's reader starts: what it reports (an unreadable source) comes after.
+        send({"type": "ready", "row": stream.row, "fps": start.fps, "frame_size": list(self.config.frame_size)})
         if start.source is not None:
             threading.Thread(target=self._read_source, args=(stream,), name=f"svlm-source-{stream.row}",
                              daemon=True).start()
-        send({"type": "ready", "row": stream.row, "fps": start.fps, "frame_size": list(self.config.frame_size)})
         return stream
 
     def add_second(self, stream: Stream, frames_thwc: np.ndarray, *, block: bool = False) -> None:
@@ -190,7 +178,9 @@ class Server:
             for row in leaving:
                 self.session.leave(row)
             for stream in joining:
-                self.session.join(stream.row, stream.start.previous_text, query=stream.start.query)
+                previous = stream.start.previous_text
+                self.session.join(stream.row, self.session.config.previous_text if previous is None else previous,
+                                  query=stream.start.query)
                 stream.joined = True
             with self._lock:
                 self._free.extend(leaving)

@@ -14,7 +14,7 @@ import collections
 from svlm_jax.model.params import Model
 from svlm_jax.streaming import engine
 from svlm_jax.streaming.cache import CacheLayout
-from svlm_jax.streaming.session import STREAM_PREPROCESS, StreamConfig, StreamingSession
+from svlm_jax.streaming.session import StreamConfig, StreamingSession
 
 SCHEMES = ("full", "sliding", "sliding_overlap")
 
@@ -25,12 +25,12 @@ class CacheFullError(RuntimeError):
 
 class BaselineSession(StreamingSession):
     def __init__(self, model: Model, tokenizer, config: StreamConfig = StreamConfig(), *, scheme: str,
-                 full_max_s: int = 600, batch: int = 1, preprocess=STREAM_PREPROCESS):
+                 full_max_s: int = 600, batch: int = 1, preprocess=None, mesh=None):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         if full_max_s < 1:
             raise ValueError(f"full_max_s must be >= 1, got {full_max_s}")
-        super().__init__(model, tokenizer, config, batch=batch, preprocess=preprocess)
+        super().__init__(model, tokenizer, config, batch=batch, preprocess=preprocess, mesh=mesh)
         self.scheme, self.full_max_s = scheme, full_max_s
         self._history = collections.deque(maxlen=max(config.policy.text_rounds - 1, 0))  # sliding_overlap
 

@@ -7,12 +7,18 @@ Slots of one stream, in storage order (sizes static, `CacheLayout`):
   footer  "<|im_end|>\\n" closing the previous-text block
   rounds  ring of `rounds` round slots, each holding a round's parts in `stream_format.ROUND_PARTS`
           order, every part at a fixed offset with room for its longest form
-Unused slots are invalid. Keys are stored before rotary embedding, so re-indexing positions costs
-nothing: at every round, positions are recomputed from the logical order (head, sink, window
+Unused slots are invalid. Keys are stored rotated by the position in `pos_bs3`, one array per
+layer (updated in place; a slice of a stacked [L, ...] cache would be copied at every layer) of
+rows (stream, kv head) [B*K, S + 1, H]: the layout attention reads with one batch axis and no
+transpose. The extra last slot is scratch, never valid: writes of inactive rows land there, so every
+write is in bounds.
+At every round, contiguous positions are recomputed from the logical order (head, sink, window
 oldest-first, footer, rounds oldest-first; slot order inside each) by the M-RoPE rule of
-`model.rope` (text +1 per token, a vision block from its start). At the start of round i, the round
-i - rounds leaves: its commentary (the answer without " ..." and <|im_end|>) moves into the sink
-while it has room, then into the window ring; round i - vision_rounds loses its vision tokens.
+`model.rope` (text +1 per token, a vision block from its start), and only the keys whose position
+moved are turned by the difference (`rotate_moved_keys`; rotations compose per frequency). At the
+start of round i, the round i - rounds leaves: its commentary (the answer without " ..." and
+<|im_end|>) moves into the sink while it has room, then into the window ring; round
+i - vision_rounds loses its vision tokens.
 """
 
 from __future__ import annotations
@@ -93,13 +99,15 @@ class CacheLayout:
 
 @struct.dataclass
 class CacheState:
-    """One batch of streams. Axes: L layers, B streams, S slots, K kv heads, H head dim, R rounds."""
+    """One batch of streams. Axes: B streams, S slots, K kv heads, H head dim, R rounds; C = B*K
+    cache rows (row b * K + k: kv head k of stream b), S + 1 stored slots (the last one scratch)."""
 
-    k_lbskh: jax.Array          # keys before rotary embedding
-    v_lbskh: jax.Array
+    k_layers_csh: tuple[jax.Array, ...]  # per layer: keys rotated by pos_bs3
+    v_layers_csh: tuple[jax.Array, ...]  # per layer: values
     token_bs: jax.Array         # int32 token id per slot
     valid_bs: jax.Array         # bool
-    native_bs3: jax.Array       # int32 ever-growing positions (the "native" ablation)
+    pos_bs3: jax.Array          # int32 position each key is rotated by (contiguous, or the native
+                                # ever-growing ones of the "native" ablation)
     n_sink_b: jax.Array         # int32 tokens in the sink
     win_start_b: jax.Array      # int32 ring index of the oldest window token
     n_win_b: jax.Array          # int32 tokens in the window
@@ -117,10 +125,10 @@ def empty_state(layout: CacheLayout, n_layers: int, batch: int, n_kv: int, head_
         return jnp.zeros((batch,), jnp.int32)
 
     return CacheState(
-        k_lbskh=jnp.zeros((n_layers, batch, s, n_kv, head_dim), dtype),
-        v_lbskh=jnp.zeros((n_layers, batch, s, n_kv, head_dim), dtype),
+        k_layers_csh=tuple(jnp.zeros((batch * n_kv, s + 1, head_dim), dtype) for _ in range(n_layers)),
+        v_layers_csh=tuple(jnp.zeros((batch * n_kv, s + 1, head_dim), dtype) for _ in range(n_layers)),
         token_bs=jnp.zeros((batch, s), jnp.int32), valid_bs=jnp.zeros((batch, s), bool),
-        native_bs3=jnp.zeros((batch, s, 3), jnp.int32),
+        pos_bs3=jnp.zeros((batch, s, 3), jnp.int32),
         n_sink_b=zeros_b(), win_start_b=zeros_b(), n_win_b=zeros_b(), rounds_b=zeros_b(),
         n_gen_br=jnp.zeros((batch, r), jnp.int32), content_br=jnp.zeros((batch, r), jnp.int32),
         next_native_b=zeros_b(), active_b=jnp.zeros((batch,), bool))
@@ -168,13 +176,13 @@ def contiguous_positions(layout: CacheLayout, valid_s, win_start, rounds_started
 # ---------------------------------------------------------------- eviction
 
 def _copy_slots(state_row: dict, src, dst):
-    """Copy keys, values, ids, validity and native positions from slots `src` to `dst` (one stream;
-    dst out of range = skipped)."""
+    """Copy keys, values, ids, validity and key positions from slots `src` to `dst` (one stream;
+    dst out of range = skipped). A copied key keeps its rotation and the position it belongs to."""
     out = dict(state_row)
-    for name in ("token_s", "valid_s", "native_s3"):
+    for name in ("token_s", "valid_s", "pos_s3"):
         out[name] = state_row[name].at[dst].set(state_row[name][src], mode="drop")
-    for name in ("k_lskh", "v_lskh"):
-        out[name] = state_row[name].at[:, dst].set(state_row[name][:, src], mode="drop")
+    for name in ("k_layers_ksh", "v_layers_ksh"):
+        out[name] = tuple(a.at[:, dst].set(a[:, src], mode="drop") for a in state_row[name])
     return out
 
 
@@ -223,15 +231,37 @@ def begin_round(layout: CacheLayout, row: dict) -> dict:
     return row
 
 
-ROW_FIELDS = {"k_lbskh": ("k_lskh", 1), "v_lbskh": ("v_lskh", 1), "token_bs": ("token_s", 0),
-              "valid_bs": ("valid_s", 0), "native_bs3": ("native_s3", 0)}
+# Names of the per-slot fields in one stream's row (the batch axis dropped); the others keep theirs.
+ROW_NAMES = {"k_layers_csh": "k_layers_ksh", "v_layers_csh": "v_layers_ksh", "token_bs": "token_s",
+             "valid_bs": "valid_s", "pos_bs3": "pos_s3"}
+CACHE_ROWS = ("k_layers_csh", "v_layers_csh")
 
 
 def per_row(fn, state: CacheState, *args):
-    """Apply `fn(row_dict, *row_args)` to every stream (vmapped) and write the results back."""
+    """Apply `fn(row_dict, *row_args)` to every stream (vmapped over the streams: the cache rows
+    [B*K, ...] are seen as [B, K, ...]) and write the results back."""
+    b = state.rounds_b.shape[0]
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    axes = {name: ROW_FIELDS[name][1] if name in ROW_FIELDS else 0 for name in fields}
-    rows = {ROW_FIELDS.get(n, (n,))[0]: v for n, v in fields.items()}
-    row_axes = {ROW_FIELDS.get(n, (n,))[0]: axes[n] for n in fields}
-    out = jax.vmap(fn, in_axes=(row_axes,) + (0,) * len(args), out_axes=row_axes)(rows, *args)
-    return CacheState(**{n: out[ROW_FIELDS.get(n, (n,))[0]] for n in fields})
+    for name in CACHE_ROWS:
+        fields[name] = tuple(a.reshape(b, -1, *a.shape[1:]) for a in fields[name])
+    out = jax.vmap(fn)({ROW_NAMES.get(n, n): v for n, v in fields.items()}, *args)
+    fields = {n: out[ROW_NAMES.get(n, n)] for n in fields}
+    for name in CACHE_ROWS:
+        fields[name] = tuple(a.reshape(-1, *a.shape[2:]) for a in fields[name])
+    return CacheState(**fields)
+
+
+def rotate_moved_keys(state: CacheState, new_pos_bs3, angles_of) -> CacheState:
+    """Record the positions `new_pos_bs3` [B, S, 3] of every slot, turning the keys of the valid
+    slots whose position changed by the change: rotary rotations compose per frequency, so
+    R(p') k = R(p' - p) R(p) k. `angles_of(positions_bs3)` gives the model's angles [B, S, H/2]."""
+    delta_bs3 = new_pos_bs3 - state.pos_bs3
+    n_kv = state.k_layers_csh[0].shape[0] // delta_bs3.shape[0]
+    per_cache_row = lambda x_bs: jnp.repeat(jnp.pad(x_bs, [(0, 0), (0, 1)] + [(0, 0)] * (x_bs.ndim - 2)), n_kv, 0)
+    moved_cs1 = per_cache_row(state.valid_bs & jnp.any(delta_bs3 != 0, axis=-1))[:, :, None]
+    angles_csf = per_cache_row(angles_of(delta_bs3))
+
+    def turn(k_csh):
+        return jnp.where(moved_cs1, rope.rotate_half(k_csh, angles_csf), k_csh)
+
+    return state.replace(k_layers_csh=tuple(turn(k) for k in state.k_layers_csh), pos_bs3=new_pos_bs3)

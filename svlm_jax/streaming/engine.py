@@ -17,13 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
 from kernels_pallas import api as attention_api
 from svlm_jax.model import rope, text, vision
 from svlm_jax.model.params import Model
 from svlm_jax.stream_format import StreamFormat
+from svlm_jax.streaming import mesh as stream_mesh
 from svlm_jax.streaming import sampling
-from svlm_jax.streaming.cache import CacheLayout, CacheState, begin_round, contiguous_positions, per_row
+from svlm_jax.streaming.cache import (CacheLayout, CacheState, begin_round, contiguous_positions, per_row,
+                                     rotate_moved_keys)
 
 POS_MODES = ("contiguous", "native")
 
@@ -42,6 +45,8 @@ class EngineSpec:
     tail_ids: tuple[int, ...]    # "\n"
     grid_thw: tuple[int, int, int]  # one round's vision grid (in patches)
     attention_backend: str = "auto"
+    # The device mesh the state lives on (`streaming.mesh`); every step returns it laid out as it came.
+    mesh: Mesh | None = None
     # Called on the host with (step m, tokens [B], fed [B]) for every decoded token; None: no callback.
     on_token: Callable | None = None
 
@@ -83,85 +88,137 @@ class RoundOutput:
 @struct.dataclass
 class NewTokens:
     """Tokens entering the cache in one pass through the layers: embeddings [B, Q, D], their slots,
-    positions, segment (1 = real, 0 = padding) and causal order (None: decode, one token)."""
+    positions, segment (1 = real, 0 = padding), causal order (None: decode, one token) and the
+    DeepStack features added after the first layers ([S, B, Q, D], zero away from vision tokens;
+    None: no vision among them, or a model without DeepStack)."""
 
     x_bqd: jax.Array
     dest_bq: jax.Array
     positions_bq3: jax.Array
     segment_bq: jax.Array
     order_bq: jax.Array | None = None
+    deepstack_sbqd: jax.Array | None = None
 
 
-def _rotary_spec(model: Model):
-    t = model.config.text
-    return attention_api.RotarySpec(theta=t.rope_theta, mrope_section=t.mrope_section)
+def _on_mesh(spec: EngineSpec, state: CacheState) -> CacheState:
+    """The state pinned to its mesh layout (`streaming.mesh.state_shardings`), so the next step sees
+    the shardings this one was compiled for."""
+    if spec.mesh is None:
+        return state
+    n_kv = state.k_layers_csh[0].shape[0] // state.rounds_b.shape[0]
+    return jax.lax.with_sharding_constraint(state, stream_mesh.state_shardings(state, spec.mesh, n_kv))
 
 
-def slot_positions(spec: EngineSpec, state: CacheState):
-    """Positions [B, S, 3] the keys are rotated by: contiguous re-indexing or the native ones."""
-    if spec.pos_mode == "native":
-        return state.native_bs3
-    return jax.vmap(functools.partial(contiguous_positions, spec.layout))(state.valid_bs, state.win_start_b,
-                                                                          state.rounds_b)
+def per_layer(model: Model) -> Model:
+    """The model with its text layers as a tuple of one-layer stacks ([1, ...] leaves), as the
+    engine wants them: a decode step that slices layer l out of a stacked [L, ...] weight copies
+    it (XLA materialises the slice), which triples the weight traffic of every token. A no-op on
+    a model that is already split; otherwise a copy of the text layers."""
+    layers = model.params.text.layers
+    if isinstance(layers, tuple):
+        return model
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    split = tuple(jax.tree.map(lambda a, i=i: a[i:i + 1], layers) for i in range(n_layers))
+    return model.replace(params=model.params.replace(text=model.params.text.replace(layers=split)))
 
 
-def _attend_layers(model: Model, spec: EngineSpec, state: CacheState, new: NewTokens, *, kv_order_bs,
-                   k_positions_bs3):
-    """Every decoder layer for `new` tokens: write their k/v (pre-rotary) at their slots, attend to
-    the whole cache, return the final-norm hidden [B, Q, D] and the state with updated k/v."""
+def _angles_of(model: Model):
+    """positions [B, S, 3] -> the text model's rotary angles [B, S, H/2]."""
+    return functools.partial(text.text_angles, model.config.text)
+
+
+def _write_rows(cache_csh, dest_bq, new_bqkh):
+    """The new tokens' k or v [B, Q, K, H] written in place at their slots `dest_bq` of the cache
+    rows [B*K, S + 1, H] (inactive ones at the scratch slot S). One token a stream (decode): one
+    dynamic-update-slice per stream (XLA's scatter would count, and on some backends move, the
+    whole layer); a chunk (prefill, once a round): one scatter."""
+    b, q, n_kv, _ = new_bqkh.shape
+    new_bkqh = new_bqkh.transpose(0, 2, 1, 3).astype(cache_csh.dtype)
+    if q == 1:
+        for row in range(b):
+            cache_csh = jax.lax.dynamic_update_slice(cache_csh, new_bkqh[row], (row * n_kv, dest_bq[row, 0], 0))
+        return cache_csh
+    rows_bkq = jnp.broadcast_to((jnp.arange(b)[:, None] * n_kv + jnp.arange(n_kv))[:, :, None], (b, n_kv, q))
+    slots_bkq = jnp.broadcast_to(dest_bq[:, None, :], (b, n_kv, q))
+    return cache_csh.at[rows_bkq, slots_bkq].set(new_bkqh, mode="promise_in_bounds")
+
+
+def _attend_layers(model: Model, spec: EngineSpec, state: CacheState, new: NewTokens, *, kv_order_bs):
+    """Every decoder layer for `new` tokens: write their k (rotated) and v at their slots in the
+    layer's cache (in place), attend to the whole cache (and add their DeepStack features after the
+    first layers, as `text.decode_hidden` does), return the final-norm hidden [B, Q, D] and the
+    state with the updated caches."""
     cfg = model.config.text
-    angles_bqh = text.text_angles(cfg, new.positions_bq3)
-    kv_segment_bs = state.valid_bs.astype(jnp.int32)
-    rotary = _rotary_spec(model)
+    angles_bqf = text.text_angles(cfg, new.positions_bq3)
+    scratch = lambda ids_bs: jnp.pad(ids_bs, ((0, 0), (0, 1)))  # the scratch slot: segment 0, never seen
+    kv_segment_bs = scratch(state.valid_bs.astype(jnp.int32))
+    kv_order_bs = None if kv_order_bs is None else scratch(kv_order_bs)
     # A prefill chunk is causal by order ids; one decode token sees its whole segment.
     attend = attention_api.cached_decode_attention if new.order_bq is None else attention_api.cached_prefill_attention
-    write = jax.vmap(lambda cache_skh, d, new_qkh: cache_skh.at[d].set(new_qkh.astype(cache_skh.dtype), mode="drop"))
-
-    def layer_fn(x, layer_and_cache):
-        layer, k_bskh, v_bskh = layer_and_cache
-        q, k, v = text.project_qkv(cfg, layer, x)
-        k_bskh, v_bskh = write(k_bskh, new.dest_bq, k), write(v_bskh, new.dest_bq, v)
-        q = rope.apply_rotary(q, angles_bqh)
-        o = attend(q, k_bskh, v_bskh, new.segment_bq, kv_segment_bs, new.order_bq, kv_order_bs,
-                   k_positions_bk3=k_positions_bs3, rope=rotary, backend=spec.attention_backend)
-        return text.finish_layer(cfg, layer, x, o), (k_bskh, v_bskh)
-
-    x_bqd, (k_lbskh, v_lbskh) = jax.lax.scan(layer_fn, new.x_bqd, (model.params.text.layers, state.k_lbskh,
-                                                                    state.v_lbskh))
+    x_bqd, k_layers, v_layers = new.x_bqd, [], []
+    for index, (layer_1, k_csh, v_csh) in enumerate(zip(model.params.text.layers, state.k_layers_csh,
+                                                         state.v_layers_csh)):
+        layer = jax.tree.map(lambda a: a[0], layer_1)  # [1, ...] -> [...]: a reshape, no copy
+        q, k, v = text.project_qkv(cfg, layer, x_bqd)
+        q, k = rope.apply_rotary(q, angles_bqf), rope.apply_rotary(k, angles_bqf)
+        k_csh, v_csh = _write_rows(k_csh, new.dest_bq, k), _write_rows(v_csh, new.dest_bq, v)
+        o = attend(q, k_csh, v_csh, new.segment_bq, kv_segment_bs, new.order_bq, kv_order_bs,
+                   backend=spec.attention_backend)
+        x_bqd = text.finish_layer(cfg, layer, x_bqd, o)
+        if new.deepstack_sbqd is not None:
+            x_bqd = text.add_deepstack(x_bqd, new.deepstack_sbqd, index)
+        k_layers.append(k_csh)
+        v_layers.append(v_csh)
     hidden = vision.rms_norm(x_bqd, model.params.text.final_norm_d, cfg.rms_norm_eps)
-    return hidden, state.replace(k_lbskh=k_lbskh, v_lbskh=v_lbskh)
+    return hidden, state.replace(k_layers_csh=tuple(k_layers), v_layers_csh=tuple(v_layers))
 
 
-def _prefill(model: Model, spec: EngineSpec, state: CacheState, tokens_bq, dest_bq, active_bq, embeds_bqd):
-    """Write the ids of the active queries at their slots, recompute positions, run the layers.
-    Inactive queries (padding) write nothing and see nothing. Returns hidden [B, Q, D], the state,
-    the index of each stream's last active query and the positions [B, S, 3] keys rotate by."""
+def place_tokens(spec: EngineSpec, state: CacheState, tokens_bq, dest_bq, active_bq, angles_of):
+    """Write the ids of the active queries at their slots (inactive ones, padding, write nothing)
+    and give them positions: contiguous mode recomputes every position and turns the keys that
+    moved (`rotate_moved_keys`); native mode continues the stream's own counter from the first new
+    token on. `angles_of` is the model's positions -> angles. Returns the state, the destinations
+    (`layout.size` for inactive queries), the new tokens' positions [B, Q, 3] and each stream's
+    last active query."""
     size = spec.layout.size
     dest_bq = jnp.where(active_bq, dest_bq, size)
     put = jax.vmap(lambda a, d, x: a.at[d].set(x, mode="drop"))
-    state = state.replace(token_bs=put(state.token_bs, dest_bq, tokens_bq),
-                          valid_bs=put(state.valid_bs, dest_bq, jnp.ones_like(active_bq)))
-    contiguous = jax.vmap(functools.partial(contiguous_positions, spec.layout))(
-        state.valid_bs, state.win_start_b, state.rounds_b)
     take = jax.vmap(lambda a, d: a[jnp.minimum(d, size - 1)])
-    new_contig_bq3 = take(contiguous, dest_bq)
-    # Native positions continue the stream's own counter from the first new token on.
-    first_active = jnp.argmax(active_bq, axis=1)
-    first_bq3 = jnp.take_along_axis(new_contig_bq3, first_active[:, None, None], axis=1)
-    new_native_bq3 = new_contig_bq3 - first_bq3 + state.next_native_b[:, None, None]
-    state = state.replace(native_bs3=put(state.native_bs3, dest_bq, new_native_bq3))
+    valid_bs = put(state.valid_bs, dest_bq, jnp.ones_like(active_bq))
+    contiguous_bs3 = jax.vmap(functools.partial(contiguous_positions, spec.layout))(
+        valid_bs, state.win_start_b, state.rounds_b)
+    if spec.pos_mode == "contiguous":
+        # Retained keys move only when a round begins (eviction); new tokens come last in order.
+        state = rotate_moved_keys(state, contiguous_bs3, angles_of)
+    else:
+        new_contig_bq3 = take(contiguous_bs3, dest_bq)
+        first_active = jnp.argmax(active_bq, axis=1)
+        first_bq3 = jnp.take_along_axis(new_contig_bq3, first_active[:, None, None], axis=1)
+        new_native_bq3 = new_contig_bq3 - first_bq3 + state.next_native_b[:, None, None]
+        state = state.replace(pos_bs3=put(state.pos_bs3, dest_bq, new_native_bq3))
+    positions_bq3 = take(state.pos_bs3, dest_bq)
     last_active = active_bq.shape[1] - 1 - jnp.argmax(active_bq[:, ::-1], axis=1)
-    last_native = jnp.take_along_axis(new_native_bq3, last_active[:, None, None], axis=1)[:, 0]
+    last_pos = jnp.take_along_axis(positions_bq3, last_active[:, None, None], axis=1)[:, 0]
     any_active = jnp.any(active_bq, axis=1)
-    state = state.replace(next_native_b=jnp.where(any_active, jnp.max(last_native, axis=-1) + 1, state.next_native_b))
-    k_pos_bs3 = contiguous if spec.pos_mode == "contiguous" else state.native_bs3
+    state = state.replace(token_bs=put(state.token_bs, dest_bq, tokens_bq), valid_bs=valid_bs,
+                          next_native_b=jnp.where(any_active, jnp.max(last_pos, axis=-1) + 1, state.next_native_b))
+    return state, dest_bq, positions_bq3, last_active
+
+
+def _prefill(model: Model, spec: EngineSpec, state: CacheState, tokens_bq, dest_bq, active_bq, embeds_bqd,
+             deepstack_sbqd=None):
+    """`place_tokens`, then the layers over the queries (causal among themselves by order), with
+    `deepstack_sbqd` as in `NewTokens`. Returns hidden [B, Q, D], the state and the index of each
+    stream's last active query."""
+    state, dest_bq, positions_bq3, last_active = place_tokens(spec, state, tokens_bq, dest_bq, active_bq,
+                                                              _angles_of(model))
     q_order_bq = jnp.broadcast_to(jnp.arange(1, tokens_bq.shape[1] + 1, dtype=jnp.int32), tokens_bq.shape)
-    new = NewTokens(x_bqd=embeds_bqd, dest_bq=dest_bq, positions_bq3=take(k_pos_bs3, dest_bq),
-                    segment_bq=active_bq.astype(jnp.int32), order_bq=q_order_bq)
-    hidden, state = _attend_layers(model, spec, state, new, kv_order_bs=put(jnp.zeros_like(state.token_bs), dest_bq,
-                                                                            q_order_bq),
-                                   k_positions_bs3=k_pos_bs3)
-    return hidden, state, last_active, k_pos_bs3
+    new = NewTokens(x_bqd=embeds_bqd, dest_bq=dest_bq, positions_bq3=positions_bq3,
+                    segment_bq=active_bq.astype(jnp.int32), order_bq=q_order_bq, deepstack_sbqd=deepstack_sbqd)
+    kv_order_bs = jax.vmap(lambda a, d, x: a.at[d].set(x, mode="drop"))(jnp.zeros_like(state.token_bs), dest_bq,
+                                                                         q_order_bq)
+    hidden, state = _attend_layers(model, spec, state, new, kv_order_bs=kv_order_bs)
+    return hidden, state, last_active
 
 
 @functools.partial(jax.jit, static_argnames="spec", donate_argnames="state")
@@ -182,7 +239,7 @@ def start_streams(model: Model, spec: EngineSpec, state: CacheState, join_b, pre
     dest = jnp.broadcast_to(jnp.arange(lay.rounds_start, dtype=jnp.int32), prefix_bp.shape)
     active = prefix_valid_bp & join_b[:, None]
     embeds = model.params.text.embed_vd[prefix_bp]
-    return _prefill(model, spec, state, prefix_bp, dest, active, embeds)[1]
+    return _on_mesh(spec, _prefill(model, spec, state, prefix_bp, dest, active, embeds)[1])
 
 
 def _round_queries(spec: EngineSpec, state: CacheState, inputs: RoundInputs, forced=None):
@@ -233,7 +290,8 @@ def _seen_tokens(state: CacheState, vocab: int):
 
 def _begin_and_prefill(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundInputs, rows_bpv,
                        layout: vision.VisionLayout, forced=None):
-    """Retire what leaves the cache, encode the frames of all streams in one tower call, prefill."""
+    """Retire what leaves the cache, encode the frames of all streams in one tower call, prefill
+    (a DeepStack tower's features at the vision queries of the first layers, like `vlm.forward`'s)."""
     lay, cfg = spec.layout, model.config
 
     def begin(row):
@@ -242,14 +300,20 @@ def _begin_and_prefill(model: Model, spec: EngineSpec, state: CacheState, inputs
 
     state = per_row(begin, state)
     b = rows_bpv.shape[0]
-    feats = vision.encode(cfg.vision, model.params.vision, rows_bpv.reshape(-1, rows_bpv.shape[-1]), layout,
-                          attention_backend=spec.attention_backend)
+    feats_md, deep_smd = vision.encode_with_deepstack(cfg.vision, model.params.vision,
+                                                      rows_bpv.reshape(-1, rows_bpv.shape[-1]), layout,
+                                                      attention_backend=spec.attention_backend)
     tokens, dest, active = _round_queries(spec, state, inputs, forced)
     embeds = model.params.text.embed_vd[tokens]
     v0, n_vision = lay.slots.prefill_offset(("current", "vision")), lay.slots.cap("vision")
-    embeds = embeds.at[:, v0:v0 + n_vision].set(feats.reshape(b, n_vision, -1).astype(embeds.dtype))
-    hidden, state, last, k_pos_bs3 = _prefill(model, spec, state, tokens, dest, active, embeds)
-    return state, hidden, dest, last, k_pos_bs3
+
+    def at_vision(x_bqd, features_md):  # the features in the round's vision queries
+        return x_bqd.at[:, v0:v0 + n_vision].set(features_md.reshape(b, n_vision, -1).astype(x_bqd.dtype))
+
+    embeds = at_vision(embeds, feats_md)
+    deep_sbqd = None if deep_smd is None else jax.vmap(lambda f_md: at_vision(jnp.zeros_like(embeds), f_md))(deep_smd)
+    hidden, state, last = _prefill(model, spec, state, tokens, dest, active, embeds, deep_sbqd)
+    return state, hidden, dest, last
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "collect_logits"), donate_argnames="state")
@@ -259,7 +323,7 @@ def round_step(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundI
     lay = spec.layout
     joined_b = state.active_b
     state = state.replace(active_b=joined_b & inputs.stepping_b)  # this round, sitting out = inactive
-    state, hidden, dest, last, k_pos_bs3 = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout)
+    state, hidden, dest, last = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout)
     logits_bv = text.logits(model.params.text, jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
     last_slot = jnp.take_along_axis(dest, last[:, None], 1)
     seen = _seen_tokens(state, model.config.text.vocab_size)
@@ -268,14 +332,14 @@ def round_step(model: Model, spec: EngineSpec, state: CacheState, inputs: RoundI
     start = DecodeState(
         step=jnp.int32(0), token_b=first, done_b=~state.active_b, generated_bm=jnp.zeros((b, lay.slots.cap("answer")),
                                                                                          jnp.int32),
-        n_gen_b=jnp.zeros((b,), jnp.int32), cache=state, seen_bv=seen, k_positions_bs3=k_pos_bs3,
+        n_gen_b=jnp.zeros((b,), jnp.int32), cache=state, seen_bv=seen,
         logits_bmv=jnp.zeros((b, lay.slots.cap("answer"), seen.shape[1]) if collect_logits else (), jnp.float32))
     answer_slot_b = lay.round_slot((state.rounds_b - 1) % lay.rounds) + lay.slots.offset("answer")
-    answer_pos_b3 = jnp.take_along_axis(k_pos_bs3, last_slot[:, :, None], 1)[:, 0] + 1
+    answer_pos_b3 = jnp.take_along_axis(state.pos_bs3, last_slot[:, :, None], 1)[:, 0] + 1
     state, out = _decode(model, spec, start, answer_slot_b, answer_pos_b3, inputs.max_new_b, keys_b, collect_logits)
     if collect_logits:
         out = out.replace(prefill_logits_bqv=text.logits(model.params.text, hidden))
-    return state.replace(active_b=joined_b), out
+    return _on_mesh(spec, state.replace(active_b=joined_b)), out
 
 
 @functools.partial(jax.jit, static_argnames="spec", donate_argnames="state")
@@ -286,7 +350,8 @@ def replay_round(model: Model, spec: EngineSpec, state: CacheState, inputs: Roun
     joined_b = state.active_b
     state = state.replace(active_b=joined_b & inputs.stepping_b)
     state = _begin_and_prefill(model, spec, state, inputs, rows_bpv, layout, (tokens_bm, n_gen_b))[0]
-    return _finish_round(spec, state, tokens_bm, n_gen_b, state.next_native_b)[0].replace(active_b=joined_b)
+    return _on_mesh(spec, _finish_round(spec, state, tokens_bm, n_gen_b, state.next_native_b)[0].replace(
+        active_b=joined_b))
 
 
 @struct.dataclass
@@ -300,17 +365,29 @@ class DecodeState:
     n_gen_b: jax.Array          # int32 how many tokens each stream fed
     cache: CacheState
     seen_bv: jax.Array          # bool [B, V] tokens in the context (repetition penalty)
-    k_positions_bs3: jax.Array  # positions the keys rotate by
     logits_bmv: jax.Array       # float32 [B, max_new, V] with collect_logits, else a scalar
+
+
+def decode_token(model: Model, spec: EngineSpec, cache: CacheState, token_b, slot_b, pos_b3, feed_b):
+    """Feed one token per stream (rows with feed_b False write nothing): it takes slot `slot_b`
+    at position `pos_b3` [B, 3]. Returns the next-token logits [B, V] (float32) and the cache."""
+    put = jax.vmap(lambda a, d, x: a.at[d].set(x, mode="drop"))
+    dest = jnp.where(feed_b, slot_b, spec.layout.size)[:, None]
+    pos = pos_b3[:, None]
+    cache = cache.replace(token_bs=put(cache.token_bs, dest, token_b[:, None]),
+                          valid_bs=put(cache.valid_bs, dest, feed_b[:, None]),
+                          pos_bs3=put(cache.pos_bs3, dest, pos))
+    new = NewTokens(x_bqd=model.params.text.embed_vd[token_b][:, None], dest_bq=dest, positions_bq3=pos,
+                    segment_bq=feed_b[:, None].astype(jnp.int32))
+    hidden, cache = _attend_layers(model, spec, cache, new, kv_order_bs=None)
+    return text.logits(model.params.text, hidden)[:, 0], cache
 
 
 def _decode(model: Model, spec: EngineSpec, start: DecodeState, answer_slot_b, answer_pos_b3, max_new_b, keys_b,
             collect_logits: bool):
     """Feed tokens one at a time (the first from the prefill) until each stream has fed <|im_end|>
     or its `max_new_b` tokens; the m-th fed token sits at slot answer_slot + m, position answer_pos + m."""
-    lay = spec.layout
-    max_new = lay.slots.cap("answer")
-    put = jax.vmap(lambda a, d, x: a.at[d].set(x, mode="drop"))
+    max_new = spec.layout.slots.cap("answer")
 
     def cond(d: DecodeState):
         return (d.step < max_new) & ~jnp.all(d.done_b)
@@ -318,24 +395,16 @@ def _decode(model: Model, spec: EngineSpec, start: DecodeState, answer_slot_b, a
     def body(d: DecodeState) -> DecodeState:
         m, tok, feed = d.step, d.token_b, ~d.done_b
         if spec.on_token is not None:
-            jax.debug.callback(spec.on_token, m, tok, feed, ordered=True)
-        dest = jnp.where(feed, answer_slot_b + m, lay.size)[:, None]
-        pos = (answer_pos_b3 + m)[:, None]
-        cache = d.cache.replace(token_bs=put(d.cache.token_bs, dest, tok[:, None]),
-                                valid_bs=put(d.cache.valid_bs, dest, feed[:, None]),
-                                native_bs3=put(d.cache.native_bs3, dest, pos))
-        k_pos = put(d.k_positions_bs3, dest, pos)
-        new = NewTokens(x_bqd=model.params.text.embed_vd[tok][:, None], dest_bq=dest, positions_bq3=pos,
-                        segment_bq=feed[:, None].astype(jnp.int32))
-        hidden, cache = _attend_layers(model, spec, cache, new, kv_order_bs=None, k_positions_bs3=k_pos)
+            # Ordered effects serve one device only; on a mesh the session re-orders by step.
+            jax.debug.callback(spec.on_token, m, tok, feed, ordered=spec.mesh is None)
+        logits, cache = decode_token(model, spec, d.cache, tok, answer_slot_b + m, answer_pos_b3 + m, feed)
         seen = d.seen_bv | (jax.nn.one_hot(tok, d.seen_bv.shape[1], dtype=bool) & feed[:, None])
-        logits = text.logits(model.params.text, hidden)[:, 0]
         nxt = sampling.next_token(logits, seen, jax.vmap(lambda k: jax.random.fold_in(k, m + 1))(keys_b), spec.sampling)
         return DecodeState(
             step=m + 1, token_b=jnp.where(feed, nxt, tok),
             done_b=d.done_b | (feed & ((tok == spec.im_end) | (m == max_new_b - 1))),
             generated_bm=d.generated_bm.at[:, m].set(jnp.where(feed, tok, 0)), n_gen_b=d.n_gen_b + feed,
-            cache=cache, seen_bv=seen, k_positions_bs3=k_pos,
+            cache=cache, seen_bv=seen,
             logits_bmv=d.logits_bmv.at[:, m].set(logits) if collect_logits else d.logits_bmv)
 
     end = jax.lax.while_loop(cond, body, start)

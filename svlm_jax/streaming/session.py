@@ -18,13 +18,16 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from svlm_jax.media.preprocess import VisionPreprocessConfig, preprocess_video
+from svlm_jax.config import ModelConfig
 from svlm_jax.model import vision
 from svlm_jax.model.params import Model
 from svlm_jax.stream_format import QUERY, SYSTEM, CachePolicy, StreamFormat, check_special_tokens, round_user_text, \
     truncate_previous
 from svlm_jax.streaming import engine
+from svlm_jax.streaming import mesh as stream_mesh
 from svlm_jax.streaming.cache import CacheLayout, empty_state, logical_order
 from svlm_jax.streaming.sampling import SamplingConfig
 from svlm_jax.tokenizer import IncrementalDetokenizer
@@ -33,6 +36,28 @@ from svlm_jax.tokenizer import IncrementalDetokenizer
 STREAM_PREPROCESS = VisionPreprocessConfig(min_pixels=100 * 28 * 28, max_pixels=768 * 28 * 28)
 
 OnText = Callable[[int, str], None]  # (batch row, next piece of its commentary)
+
+
+def stream_preprocess(model_config: ModelConfig) -> VisionPreprocessConfig:
+    """Streaming's preprocessing for a model without its checkpoint's processor files: the same
+    100 to 768 merged cells a frame in the family's processor (Qwen3-VL's video processor bounds
+    the pixels of a second's frames together, in merged 32-px cells)."""
+    if model_config.model_type != "qwen3_vl":
+        return STREAM_PREPROCESS
+    base = VisionPreprocessConfig.from_video_preprocessor_config({"video_processor_type": "Qwen3VLVideoProcessor"})
+    cell = base.resize_factor**2 * base.temporal_patch_size
+    return dataclasses.replace(base, min_pixels=100 * cell, max_pixels=768 * cell)
+
+
+def check_preprocess(preprocess: VisionPreprocessConfig, model_config: ModelConfig) -> None:
+    """ValueError unless `preprocess` cuts frames into the patches the model's vision tower takes."""
+    v = model_config.vision
+    theirs = (preprocess.patch_size, preprocess.temporal_patch_size, preprocess.merge_size)
+    ours = (v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
+    if theirs != ours:
+        raise ValueError(f"the preprocessing's (patch, temporal patch, merge) sizes {theirs} are not the "
+                         f"{model_config.model_type} vision tower's {ours} (a checkpoint's "
+                         "video_preprocessor_config.json or preprocessor_config.json sets them)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +87,20 @@ class CachedToken:
 
 class StreamingSession:
     def __init__(self, model: Model, tokenizer, config: StreamConfig = StreamConfig(), *, batch: int = 1,
-                 preprocess: VisionPreprocessConfig = STREAM_PREPROCESS):
+                 preprocess: VisionPreprocessConfig | None = None, mesh: Mesh | None = None):
         check_special_tokens(tokenizer.special, model.config)
         config.policy.check_model(model.config)
+        preprocess = stream_preprocess(model.config) if preprocess is None else preprocess
+        check_preprocess(preprocess, model.config)
+        self.mesh = mesh
+        model = engine.per_layer(model)
+        if mesh is not None:
+            stream_mesh.check_batch(mesh, batch)
+            model = stream_mesh.shard_model(model, mesh)
         self.model, self.tokenizer, self.config, self.batch = model, tokenizer, config, batch
         self.preprocess = preprocess
-        self.format = StreamFormat.from_tokenizer(tokenizer, system=config.system, query=config.query)
+        self.format = StreamFormat.from_tokenizer(tokenizer, system=config.system, query=config.query,
+                                                  stamp_frames=config.policy.stamp_frames(model.config))
         sampling = config.sampling or SamplingConfig.from_generation(tokenizer.generation)
         if sampling.top_k > model.config.text.vocab_size:
             raise ValueError(f"top_k={sampling.top_k} is above the vocabulary size {model.config.text.vocab_size}")
@@ -85,12 +118,14 @@ class StreamingSession:
         self._previous = [config.previous_text] * batch
         self._queries = [config.query] * batch
         self._text_streams: list[_TextStream] | None = None
+        self._token_steps: dict[int, tuple] = {}  # decoded steps that arrived before an earlier one
+        self._next_step = 0
         self.last_output: engine.RoundOutput | None = None
 
     # ------------------------------------------------------------ public API
     def step(self, frames_or_patches, t_start: float, t_end: float, on_text: Callable[[str], None] | None = None
              ) -> str:
-        """One second of one stream (batch 1): frames uint8 [n, H, W, 3] or (rows [P, 1176], grid)."""
+        """One second of one stream (batch 1): frames uint8 [n, H, W, 3] or (rows [P, patch_dim], grid)."""
         if self.batch != 1:
             raise ValueError("step() serves batch 1; use step_batch() for several streams")
         row_text = None if on_text is None else (lambda _row, piece: on_text(piece))
@@ -117,8 +152,11 @@ class StreamingSession:
         self._text_streams = None if on_text is None else [
             _TextStream(self.tokenizer, self.format, lambda piece, row=row: on_text(row, piece))
             for row in range(self.batch)]
+        self._token_steps, self._next_step = {}, 0
         self._state, out = engine.round_step(self.model, spec, self._state, inputs, rows, self._vision_layout, keys,
                                              collect_logits=collect_logits)
+        if on_text is not None:
+            jax.effects_barrier()  # every token callback has run
         self.last_output = out
         stepping = np.asarray(inputs.stepping_b)
         self._rounds += stepping
@@ -186,7 +224,7 @@ class StreamingSession:
         lay, st = spec.layout, self._state
         valid, tokens = np.asarray(st.valid_bs[row]), np.asarray(st.token_bs[row])
         order = np.asarray(logical_order(lay, st.win_start_b[row], st.rounds_b[row]))
-        positions = np.asarray(engine.slot_positions(spec, st))[row]
+        positions = np.asarray(st.pos_bs3[row])
         bounds = [(lay.sink_start, "head"), (lay.window_start, "sink"), (lay.footer_start, "window"),
                   (lay.rounds_start, "footer"), (lay.size, "round")]
         out = []
@@ -240,6 +278,9 @@ class StreamingSession:
                 continue
             if isinstance(sec, tuple):
                 r, g = np.asarray(sec[0], np.float32), tuple(int(x) for x in np.asarray(sec[1]).reshape(-1))
+                width = self.model.config.vision.patch_dim
+                if r.ndim != 2 or r.shape[1] != width:
+                    raise ValueError(f"patch rows of shape {r.shape}: this model's rows are {width} wide")
             else:
                 r, g = preprocess_video(np.asarray(sec), self.preprocess)
                 g = tuple(int(x) for x in g)
@@ -262,10 +303,12 @@ class StreamingSession:
         layout = self._cache_layout(grid)
         self._specs[False] = engine.EngineSpec.for_stream(
             self.format, layout, self.sampling, grid, pos_mode=self.config.pos_mode,
-            attention_backend=self.config.attention_backend)
+            attention_backend=self.config.attention_backend, mesh=self.mesh)
         t = self.model.config.text
         self._state = empty_state(layout, t.num_layers, self.batch, t.num_kv_heads, t.head_dim,
                                   self.model.params.text.embed_vd.dtype)
+        if self.mesh is not None:
+            self._state = stream_mesh.place_state(self._state, self.mesh, t.num_kv_heads)
         self._vision_layout = vision.vision_layout(self.model.config.vision, [grid] * self.batch)
 
     def _spec_for(self, streaming_text: bool) -> engine.EngineSpec:
@@ -275,12 +318,17 @@ class StreamingSession:
         return self._specs[streaming_text]
 
     def _on_token(self, step, tokens_b, fed_b) -> None:
-        """Host callback of the decode loop: every fed token of every row."""
+        """Host callback of the decode loop: every fed token of every row. On a mesh the callbacks
+        are unordered (ordered ones serve one device only): steps are put back in order here."""
         if self._text_streams is None:
             return
-        for row, stream in enumerate(self._text_streams):
-            if fed_b[row]:
-                stream.push(int(tokens_b[row]))
+        self._token_steps[int(step)] = (tokens_b, fed_b)
+        while self._next_step in self._token_steps:
+            tokens_b, fed_b = self._token_steps.pop(self._next_step)
+            self._next_step += 1
+            for row, stream in enumerate(self._text_streams):
+                if fed_b[row]:
+                    stream.push(int(tokens_b[row]))
 
     def _start_pending(self):
         if not self._pending_join:

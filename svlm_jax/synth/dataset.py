@@ -1,6 +1,7 @@
 """Synthetic match streams as training samples (docs/method.md §5 JSONL + mp4) or in memory.
 
-One mp4 per stream (seed): H.264 (libx264, yuv444p so the team colours keep full resolution)
+One mp4 per stream (seed): H.264 (libx264, yuv444p so the team colours keep full resolution; the
+demo's video, for people, is yuv420p)
 at `fps` frames per second. Frame i (pts i / fps) shows the match at time i / fps from the
 stream's start: an opening frame (the first instant) and then every second's frames, so the
 frames VideoReader samples for second s (those on screen at s + j / fps, j = 1..fps, docs/method.md
@@ -40,6 +41,9 @@ from svlm_jax.synth.world import Match, MatchConfig
 
 VIDEO_CODEC = "libx264"
 VIDEO_PIXEL_FORMAT = "yuv444p"
+# What browsers and common players decode (4:2:0 chroma: both sides even, as RenderConfig's are):
+# the demo's video, which a person watches (the model sees the rendered frames themselves).
+PLAYABLE_PIXEL_FORMAT = "yuv420p"
 QUESTION = "What is the score?"  # the question qa_stream asks
 
 
@@ -122,17 +126,23 @@ def opening_frame(match_config: MatchConfig, second: int, render_config: RenderC
             return render_frame(record, match.teams, float(second), render_config)
 
 
-def write_video(path: Path, frames: Iterable[np.ndarray], fps: int, height: int, width: int) -> None:
-    """Encode (height, width, 3) uint8 RGB frames into an mp4 at `fps`."""
-    with av.open(str(path), "w") as container:
+def write_video(path: Path, frames: Iterable[np.ndarray], fps: int, height: int, width: int,
+                pix_fmt: str = VIDEO_PIXEL_FORMAT) -> None:
+    """Encode (height, width, 3) uint8 RGB frames into an mp4 at `fps`, its index first (faststart: it
+    plays while it downloads, and reads from a pipe)."""
+    if pix_fmt == PLAYABLE_PIXEL_FORMAT and (height % 2 or width % 2):
+        raise ValueError(f"{pix_fmt} needs even frame sides, got {width}x{height}")
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
         stream = container.add_stream(VIDEO_CODEC, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, VIDEO_PIXEL_FORMAT
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.options = {"crf": "10"}  # near-lossless: small flat shapes must survive
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        try:
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+        finally:  # the frames given so far, however `frames` ends (Ctrl-C during the demo)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def _frames_recording_truths(items: Iterable[StreamSecond],

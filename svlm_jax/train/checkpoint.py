@@ -8,7 +8,9 @@ One checkpoint per saved step under `directory/<step>/`, items:
              with the very next batch
 Saves are asynchronous (training continues while arrays are written); Orbax writes into a
 temporary folder and renames it when complete, and only then deletes checkpoints beyond `keep`,
-so an interruption never damages a finished checkpoint. There is no rng: the step has no
+so an interruption never damages a finished checkpoint: a process killed (`kill -9`) while saving
+leaves a temporary folder that is not a checkpoint, and the previous one stays the latest
+(tests/test_kill.py). Over several processes each writes the shards its devices hold. There is no rng: the step has no
 stochastic part, and the data order is a function of the config seed and the iterator state.
 """
 

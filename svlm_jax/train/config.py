@@ -10,9 +10,15 @@
   compute_dtype  forward / backward: "bfloat16" (default) or "float32"
   freeze_vision  true (default): only the LM is trained
   remat          true (default): rematerialise decoder layers in the backward pass
+  remat_policy   what a rematerialised layer keeps (`step.REMAT_POLICIES`): "full" (default: only
+                 its input) or "dots" (also its matmul outputs: more memory, less recomputation)
+  loss_chunk     tokens per row whose logits exist at once in the loss, default 1024 (the LM head
+                 and the cross-entropy run chunk by chunk; the [T, vocab] logits never exist whole)
   init_seed      seed of the random initialisation (preset only), default 0
 [data]
   train          (required) JSONL of samples (format: `svlm_jax.train.data`)
+  eval           JSONL of held-out samples (same format), default none: their mean loss over
+                 every labelled token is logged every `train.eval_every` steps and at the end
   buckets        (required) [[tokens, patches], ...]: padded chunk sizes; one compilation each
   chunk_seconds  24; overlap_seconds 12
   system, query  the prompt's system text and first-round query (`svlm_jax.stream_format` defaults)
@@ -29,6 +35,7 @@
   lr 1e-5; vision_lr 0 (the vision tower's peak learning rate, only with freeze_vision = false;
                  0: lr); warmup_ratio 0.03; weight_decay 0.0; adam_b1 0.9; adam_b2 0.999; clip_norm 1.0
   log_every      steps between progress lines / log records, default 1
+  eval_every     steps between evaluations of `data.eval`, default 100
 [policy]         the streaming cache policy the chunks follow (`stream_format.CachePolicy`):
   text_sink 512; text_window 512 (previous text kept); fps 2 (frames per second); text_rounds 16,
   vision_window_s 16, max_new_tokens 20 (what streaming keeps: checked, not used by chunking)
@@ -50,7 +57,7 @@ from pathlib import Path
 
 from svlm_jax.stream_format import QUERY, SYSTEM, CachePolicy
 from svlm_jax.train.data import ChunkSpec
-from svlm_jax.train.step import OptimConfig
+from svlm_jax.train.step import REMAT_POLICIES, OptimConfig, StepSpec
 
 
 class TrainConfigError(ValueError):
@@ -66,6 +73,8 @@ class ModelSection:
     compute_dtype: str = "bfloat16"
     freeze_vision: bool = True
     remat: bool = True
+    remat_policy: str = StepSpec.remat_policy
+    loss_chunk: int = StepSpec.loss_chunk
     init_seed: int = 0
 
 
@@ -73,6 +82,7 @@ class ModelSection:
 class DataSection:
     train: str
     buckets: tuple[tuple[int, int], ...]
+    eval: str = ""
     # How streams become chunks: defaults are ChunkSpec's (one definition), copied field by field.
     chunk_seconds: int = ChunkSpec.chunk_seconds
     overlap_seconds: int = ChunkSpec.overlap_seconds
@@ -100,6 +110,7 @@ class TrainSection:
     adam_b2: float = OptimConfig.b2
     clip_norm: float = OptimConfig.clip_norm
     log_every: int = 1
+    eval_every: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +163,7 @@ def parse_config(raw: dict, base_dir: Path, where: str = "config") -> TrainConfi
         cfg,
         model=dataclasses.replace(cfg.model, tokenizer=resolve(cfg.model.tokenizer),
                                   pretrained=resolve(cfg.model.pretrained)),
-        data=dataclasses.replace(cfg.data, train=resolve(cfg.data.train)),
+        data=dataclasses.replace(cfg.data, train=resolve(cfg.data.train), eval=resolve(cfg.data.eval)),
         train=dataclasses.replace(cfg.train, out_dir=resolve(cfg.train.out_dir)))
     _check_out_dir(Path(resolved.train.out_dir), where)
     return resolved
@@ -225,9 +236,12 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     for name in ("param_dtype", "compute_dtype"):
         if getattr(m, name) not in DTYPES:
             problems.append(f"model: {name} must be one of {DTYPES}")
+    if m.remat_policy not in REMAT_POLICIES:
+        problems.append(f"model: remat_policy must be one of {tuple(REMAT_POLICIES)}")
     positive = {"data.chunk_seconds": d.chunk_seconds, "data.prefetch": d.prefetch,
                 "train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-                "train.log_every": t.log_every, "checkpoint.every": c.every, "checkpoint.keep": c.keep}
+                "train.log_every": t.log_every, "train.eval_every": t.eval_every, "model.loss_chunk": m.loss_chunk,
+                "checkpoint.every": c.every, "checkpoint.keep": c.keep}
     problems += [f"{k} must be >= 1" for k, v in positive.items() if v < 1]
     non_negative = {"data.overlap_seconds": d.overlap_seconds, "data.min_pixels": d.min_pixels,
                     "data.max_pixels": d.max_pixels, "data.workers": d.workers, "data.seed": d.seed,

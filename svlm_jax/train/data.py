@@ -30,7 +30,8 @@ so the train step compiles once per bucket. A chunk's patch rows are followed by
 "padding grid" (1, 2, n) filling its patch capacity; its features are never placed anywhere.
 Order: per epoch, chunks are shuffled within buckets, grouped, and the groups shuffled (numpy,
 seeded); Grain maps groups to arrays (optionally in worker processes) and its iterator state
-(get_state / set_state) makes the order resumable exactly.
+(get_state / set_state) makes the order resumable exactly. A held-out set (`eval_dataset`) gives
+every chunk once, in order, its last batches filled with rows of padding.
 """
 
 from __future__ import annotations
@@ -111,9 +112,12 @@ class TokenizerFile:
         return _tokenizer(self.tokenizer_dir).encode(text)
 
 
-def training_format(tok: Tokenizer, tokenizer_dir: str | Path, *, system: str, query: str) -> StreamFormat:
-    """The stream format of `tok` (loaded from `tokenizer_dir`) with a picklable encoder."""
-    return StreamFormat.from_tokenizer(tok, TokenizerFile(str(tokenizer_dir)), system=system, query=query)
+def training_format(tok: Tokenizer, tokenizer_dir: str | Path, *, system: str, query: str,
+                    stamp_frames: int = 0) -> StreamFormat:
+    """The stream format of `tok` (loaded from `tokenizer_dir`) with a picklable encoder;
+    `stamp_frames` as `CachePolicy.stamp_frames` gives it for the model (Qwen3-VL's timestamps)."""
+    return StreamFormat.from_tokenizer(tok, TokenizerFile(str(tokenizer_dir)), system=system, query=query,
+                                       stamp_frames=stamp_frames)
 
 
 def pad_id(tok: Tokenizer) -> int:
@@ -353,8 +357,10 @@ def pick_bucket(buckets: Sequence[Bucket], n_tokens: int, n_patches: int) -> int
     return None
 
 
-def pad_chunks(chunks: Sequence[Chunk], bucket: Bucket, pad_id: int, max_seconds: int) -> dict[str, np.ndarray]:
-    """Chunks padded to `bucket` and stacked, [B, ...]:
+def pad_chunks(chunks: Sequence[Chunk | None], bucket: Bucket, pad_id: int, max_seconds: int,
+               patch_dim: int | None = None) -> dict[str, np.ndarray]:
+    """Chunks padded to `bucket` and stacked, [B, ...] (a None chunk: a row of padding alone, which
+    needs `patch_dim` when no chunk is given):
       ids_bt, positions_bt3, segment_bt (1 = token, 0 = padding)
       targets_bt     the label of the NEXT token (IGNORE at the end and on padding): logits at t
                      are scored against targets_bt[t]
@@ -362,11 +368,15 @@ def pad_chunks(chunks: Sequence[Chunk], bucket: Bucket, pad_id: int, max_seconds
       grids_bg3      the chunk's grids, then the padding grid (1, 2, n), then zero rows
     """
     b, t_cap, p_cap = len(chunks), bucket.tokens, bucket.patches
+    patch_dim = next((c.rows_pv.shape[1] for c in chunks if c is not None), patch_dim)
     out = {"ids_bt": np.full((b, t_cap), pad_id, np.int32), "targets_bt": np.full((b, t_cap), IGNORE, np.int32),
            "positions_bt3": np.zeros((b, t_cap, 3), np.int32), "segment_bt": np.zeros((b, t_cap), np.int32),
-           "rows_bpv": np.zeros((b, p_cap, chunks[0].rows_pv.shape[1]), np.float32),
+           "rows_bpv": np.zeros((b, p_cap, patch_dim), np.float32),
            "grids_bg3": np.zeros((b, max_seconds + 1, 3), np.int32)}
     for i, c in enumerate(chunks):
+        if c is None:
+            out["grids_bg3"][i, 0] = (1, 2, p_cap // 2)
+            continue
         n, p, s = len(c.ids_t), len(c.rows_pv), len(c.grids_s3)
         if n > t_cap or p > p_cap or s > max_seconds:
             raise DataError(f"chunk of {n} tokens, {p} patches, {s} seconds exceeds bucket {bucket} / "
@@ -484,16 +494,17 @@ class LoadGroup:
     process_count: int = 1
 
     def __call__(self, group: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """Index -1 in `group`: a row of padding (the end of an evaluation)."""
         plan = self.plan
         # group_order carries a bucket's leftovers into the next larger one: pad to the largest.
-        bucket = plan.buckets[max(plan.refs[i].bucket for i in group)]
+        bucket = plan.buckets[max(plan.refs[i].bucket for i in group if i >= 0)]
         per_micro = len(group) // self.grad_accum
         local = per_micro // self.process_count
         micro = []
         for a in range(self.grad_accum):
             first = a * per_micro + self.process_index * local
-            chunks = [self._chunk(plan.refs[i]) for i in group[first:first + local]]
-            micro.append(pad_chunks(chunks, bucket, plan.pad_id, plan.spec.chunk_seconds))
+            chunks = [self._chunk(plan.refs[i]) if i >= 0 else None for i in group[first:first + local]]
+            micro.append(pad_chunks(chunks, bucket, plan.pad_id, plan.spec.chunk_seconds, plan.model_cfg.vision.patch_dim))
         return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
     def _chunk(self, ref: ChunkRef) -> Chunk:
@@ -519,3 +530,22 @@ def make_dataset(plan: DataPlan, *, batch_size: int, grad_accum: int, seed: int,
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
     return ds
 
+
+def eval_groups(plan: DataPlan, batch_size: int) -> list[tuple[int, ...]]:
+    """Every chunk once, in order, in groups of `batch_size` sharing a bucket; a bucket's last group
+    is filled with -1 (rows of padding, which count no token)."""
+    groups = []
+    for b in range(len(plan.buckets)):
+        chunks = [i for i, r in enumerate(plan.refs) if r.bucket == b]
+        chunks += [-1] * (-len(chunks) % batch_size)
+        groups += [tuple(chunks[j:j + batch_size]) for j in range(0, len(chunks), batch_size)]
+    return groups
+
+
+def eval_dataset(plan: DataPlan, *, batch_size: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The held-out set: every chunk of `plan` once (`eval_groups`), arrays [1, batch_size / process_count, ...];
+    iterate it whole for each evaluation."""
+    if batch_size % process_count:
+        raise DataError(f"batch_size {batch_size} must be a multiple of the process count {process_count}")
+    return grain.MapDataset.source(eval_groups(plan, batch_size)).map(
+        LoadGroup(plan, 1, process_index, process_count)).to_iter_dataset(grain.ReadOptions(num_threads=2))

@@ -10,16 +10,19 @@ axis whose size the mesh axis does not divide stays replicated (e.g. 2 KV heads 
 as does a mesh axis already used by an earlier axis of the same leaf. A leaf none of whose axes the
 rules map is replicated whole: the vision tower's, frozen by default and small next to the LM.
 
-Multi-host: launch one process per host and call `jax.distributed.initialize()` before anything
-touches jax devices (`run.main_train` does when JAX_COORDINATOR_ADDRESS or a cluster environment
-is set); the mesh then spans every host's devices, each process feeds its slice of the batch
-(`data.make_dataset(process_index=..., process_count=...)`) and `put_batch` assembles the global
+Inside the step, `constrain` pins activations to the batch layout and `constrain_gathered` a
+parameter to the layout it is used in (its "embed" axis gathered, as ZeRO-3 does before a use), so
+the partitioner never has to rematerialize a tensor to change its layout.
+
+Several processes (`svlm_jax.distributed`): the mesh spans every process's devices, each process
+feeds the rows of the batch its devices hold (`batch_part`) and `put_batch` assembles the global
 arrays from the process-local pieces.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -109,7 +112,56 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_part(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): this process's devices hold the index-th of `count` equal, contiguous parts of
+    a batch's examples (count 1 when the batch axes stay inside one process)."""
+    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    local = {index[1].indices(shards)[:2] for index in
+             batch_sharding(mesh).addressable_devices_indices_map((1, shards)).values()}
+    first, stop = min(a for a, _ in local), max(b for _, b in local)
+    if len(local) != stop - first or shards % (stop - first):
+        raise ValueError(f"the devices of process {jax.process_index()} hold batch shards {sorted(local)} of "
+                         f"{shards}: not one contiguous equal part (order the mesh's devices by process)")
+    return first // (stop - first), shards // (stop - first)
+
+
 def put_batch(batch, mesh: Mesh):
-    """This process's host arrays [A, B_local, ...] -> global arrays [A, B, ...] sharded over B."""
+    """This process's host arrays [A, B_local, ...] (its `batch_part`) -> global arrays [A, B, ...]
+    sharded over B."""
     sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    _, count = batch_part(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, (x.shape[0], x.shape[1] * count, *x.shape[2:]))
+
+    return jax.tree.map(put, batch)
+
+
+def on_mesh(mesh: Mesh, fn):
+    """`fn` traced with `mesh` as the context mesh, so `constrain` and `constrain_gathered` apply in it."""
+    abstract = mesh.abstract_mesh
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(abstract):
+            return fn(*args)
+
+    return traced
+
+
+def constrain(x, *spec):
+    """`x` laid out as PartitionSpec(*spec) on the context mesh (`on_mesh`); unchanged without one."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def constrain_gathered(path: str, x, rules: ShardingRules = RULES):
+    """Parameter `path` as it is used: its "embed" axis gathered, its other axes as `rules` shard them
+    (unchanged without a context mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = param_spec(path, tuple(x.shape), mesh, dataclasses.replace(rules, embed=None))
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -2,7 +2,9 @@
 
 Loss: cross-entropy of the next token on labelled (assistant) tokens, in float32, averaged over
 every labelled token of the step (all accumulation micro-batches together, so accumulation equals
-one big batch); the same step trains on rows of text without vision (`text_batch`). Master
+one big batch); the same step trains on rows of text without vision (`text_batch`). The LM head
+and the cross-entropy run `loss_chunk` tokens at a time, rematerialised in the backward pass, so
+the [T, vocab] float32 logits never exist whole (`nll_sums`). Master
 weights stay in `param_dtype` (float32 by default); the forward casts them to `compute_dtype`
 (bfloat16 by default). With `freeze_vision` (the default) only the LM is differentiated and
 optimized: the vision tower gets neither gradients nor optimizer state. Optimizer: global-norm
@@ -26,7 +28,7 @@ from jax.sharding import Mesh
 
 from svlm_jax.config import ModelConfig
 from svlm_jax.model import text, vision, vlm
-from svlm_jax.model.params import Model, Params, map_param_tree, param_rule
+from svlm_jax.model.params import Model, Params, TextParams, map_param_tree, param_rule
 from svlm_jax.train import sharding
 from svlm_jax.train.data import IGNORE, vision_layouts
 
@@ -52,6 +54,22 @@ class StepSpec:
     compute_dtype: str = "bfloat16"
     freeze_vision: bool = True
     remat: bool = True
+    remat_policy: str = "full"  # what a rematerialised layer keeps for the backward pass: REMAT_POLICIES
+    loss_chunk: int = 1024      # tokens per row whose logits exist at once
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; known: {', '.join(REMAT_POLICIES)}")
+        if self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be >= 1, got {self.loss_chunk}")
+
+
+# What each decoder layer keeps from the forward pass for the backward one when `remat` is on:
+# "full" only its input (everything else is recomputed), "dots" also the outputs of its matmuls
+# without batch dimensions (q/k/v/o projections and MLP; norms, rotary, attention and the activation
+# are recomputed): more memory, less recomputation.
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @struct.dataclass
@@ -131,32 +149,67 @@ def init_state(spec: StepSpec, params: Params) -> TrainState:
                       opt_state=optimizer(spec.optim).init(trainable(spec, params)))
 
 
+def nll_sums(params: TextParams, hidden_btd, targets_bt, chunk: int):
+    """(sum of the next-token cross-entropies where targets_bt != IGNORE, their count), float32.
+    The tokens go `chunk` at a time (the last chunk padded): each chunk's logits [B, chunk, V] are
+    made, reduced to its sum and, in the backward pass, made again (jax.checkpoint), so no more
+    than one chunk's logits exists at once."""
+    b, t, d = hidden_btd.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    hidden_nbcd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    targets_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad)), constant_values=IGNORE).reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def add_chunk(total, chunk_in):
+        h_bcd, targets_bc = chunk_in
+        logits_bcv = text.logits(params, sharding.constrain(h_bcd, sharding.BATCH_AXES))
+        mask_bc = targets_bc != IGNORE
+        picked_bc = jnp.take_along_axis(logits_bcv, jnp.where(mask_bc, targets_bc, 0)[..., None], axis=-1)[..., 0]
+        nll_bc = jax.nn.logsumexp(logits_bcv, axis=-1) - picked_bc
+        return total + jnp.sum(jnp.where(mask_bc, nll_bc, 0.0)), None
+
+    total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), (hidden_nbcd, targets_nbc))
+    return total, jnp.sum(targets_bt != IGNORE).astype(jnp.float32)
+
+
 def loss_sums(spec: StepSpec, params: Params, ids_bt, targets_bt, positions_bt3, segment_bt, rows_bpv, layout_b):
     """(sum of next-token cross-entropies over labelled tokens, their count), float32."""
     cfg = spec.model
     p = jax.tree.map(lambda x: x.astype(spec.compute_dtype), params)
+    # The embedding is looked up with its "embed" axis whole, so the embeddings come out split by example.
+    p = p.replace(text=p.text.replace(embed_vd=sharding.constrain_gathered("text.embed_vd", p.text.embed_vd)))
     model = Model(cfg, p)
+    deepstack_sbtd = None  # Qwen3-VL's DeepStack features, with vision
     if rows_bpv is None:  # text rows
         x_btd = vlm.embed(model, ids_bt)
     else:
         # Each example has its own vision layout (its grids plus a padding grid), so embed per example.
-        x_btd = jax.vmap(lambda ids_t, rows_pv, layout: vlm.embed(model, ids_t[None], rows_pv, layout)[0])(
-            ids_bt, rows_bpv, layout_b)
+        x_b1td, deepstack_bs1td = jax.vmap(lambda ids_t, rows_pv, layout: vlm.embed_with_deepstack(
+            model, ids_t[None], rows_pv, layout))(ids_bt, rows_bpv, layout_b)
+        x_btd = x_b1td[:, 0]
+        if deepstack_bs1td is not None:
+            deepstack_sbtd = jnp.swapaxes(deepstack_bs1td[:, :, 0], 0, 1)
+    x_btd = sharding.constrain(x_btd, sharding.BATCH_AXES)
     order_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
-    hidden = text.decode_hidden(cfg.text, p.text, x_btd, positions_bt3, segment_bt, order_bt, remat=spec.remat)
-    logits_btv = text.logits(p.text, hidden).astype(jnp.float32)
-    mask_bt = targets_bt != IGNORE
-    picked = jnp.take_along_axis(logits_btv, jnp.where(mask_bt, targets_bt, 0)[..., None], axis=-1)[..., 0]
-    nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - picked
-    return jnp.sum(jnp.where(mask_bt, nll_bt, 0.0)), jnp.sum(mask_bt).astype(jnp.float32)
+    hidden = text.decode_hidden(cfg.text, p.text, x_btd, positions_bt3, segment_bt, order_bt,
+                                deepstack_sbtd=deepstack_sbtd, remat=spec.remat,
+                                remat_policy=REMAT_POLICIES[spec.remat_policy])
+    return nll_sums(p.text, hidden, targets_bt, spec.loss_chunk)
+
+
+def batch_sums(spec: StepSpec, params: Params, batch: Batch):
+    """(sum of the losses of every labelled token of a whole Batch, their count), no gradient."""
+    def micro(carry, mb):
+        s, n = loss_sums(spec, params, *mb)
+        return (carry[0] + s, carry[1] + n), None
+    (s, n), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), _micro_batches(batch))
+    return s, n
 
 
 def batch_loss(spec: StepSpec, params: Params, batch: Batch):
     """Mean loss over the labelled tokens of a whole Batch (no gradient): for evaluation and tests."""
-    def micro(carry, mb):
-        s, n = loss_sums(spec, params, *mb)
-        return (carry[0] + s, carry[1] + n), None
-    (s, n), _ = jax.lax.scan(micro, (0.0, 0.0), _micro_batches(batch))
+    s, n = batch_sums(spec, params, batch)
     return s / jnp.maximum(n, 1.0)
 
 
@@ -200,5 +253,13 @@ def sharded_state(spec: StepSpec, params: Params, mesh: Mesh) -> TrainState:
 def compile_step(spec: StepSpec, mesh: Mesh, shardings):
     """`train_step` jitted over `mesh`: state in and out with `shardings` (donated), batch split over
     the data-parallel axes, metrics replicated."""
-    return jax.jit(functools.partial(train_step, spec), in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    return jax.jit(functools.partial(sharding.on_mesh(mesh, train_step), spec),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def compile_eval(spec: StepSpec, mesh: Mesh, param_shardings):
+    """`batch_sums` jitted over `mesh`: params with `param_shardings`, batch split over the
+    data-parallel axes, the two sums replicated."""
+    return jax.jit(functools.partial(sharding.on_mesh(mesh, batch_sums), spec),
+                   in_shardings=(param_shardings, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh))
