@@ -604,12 +604,9 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def stream_grid(preprocess: VisionPreprocessConfig, width: int, height: int, fps: int) -> tuple[int, int, int]:
-    """(grid_t, grid_h, grid_w) of one second of frames of this size at `fps`, in 14 px patches."""
-    from svlm_jax.media.preprocess import smart_resize
-
+    """(grid_t, grid_h, grid_w) of one second of frames of this size at `fps`, in the model's patches."""
     try:
-        resized_h, resized_w = smart_resize(height, width, factor=preprocess.resize_factor,
-                                            min_pixels=preprocess.min_pixels, max_pixels=preprocess.max_pixels)
+        resized_h, resized_w = preprocess.resized_size(height, width, fps)
     except ValueError as error:  # an extreme aspect ratio
         raise CliError(str(error)) from None
     return (fps // preprocess.temporal_patch_size, resized_h // preprocess.patch_size,

@@ -89,3 +89,33 @@ def test_config_errors_name_the_field(tmp_path, stream_tokenizer, synth_sft):
         with pytest.raises(TrainConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             load_config(path)
     assert load_config(tmp_path / "d.toml").data.buckets == ((300, 96), (500, 96))
+
+
+def test_qwen3_vl_stops_resumes_and_exports(tmp_path, stream_tokenizer, synth_sft):
+    """Overlapped-chunk SFT of a tiny Qwen3-VL on video (DeepStack in the loss): a run stopped after
+    one step and resumed equals a straight run; the export loads in transformers with our weights."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    def config(name):
+        path = write_config(tmp_path, name, stream_tokenizer, synth_sft, steps=2, every=1, grad_accum=1,
+                            buckets=((500, 160),))
+        # Qwen3-VL's video processor bounds a second's two frames together: 64x64 frames, 16 patches.
+        path.write_text(path.read_text().replace('preset = "tiny"', 'preset = "tiny-qwen3-vl"').replace(
+            "overlap_seconds = 3", "overlap_seconds = 3\nmin_pixels = 8192\nmax_pixels = 8192"))
+        return path
+
+    assert run.main_train(config("straight")) == 2
+    assert run.main_train(config("resumed"), max_steps=1) == 1
+    assert run.main_train(config("resumed")) == 2
+    (pa, _), (pb, _) = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
+    assert pa.vision.deepstack is not None  # the tower of this preset has DeepStack mergers
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+    losses = [r["loss"] for r in logged(tmp_path / "straight") if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert run.main_export(tmp_path / "straight", tmp_path / "hf") == 2
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    np.testing.assert_array_equal(hf.get_input_embeddings().weight.detach().numpy(), np.asarray(pa.text.embed_vd))
+    ours = svlm_jax.load_pretrained(tmp_path / "hf", dtype="float32")
+    for x, y in zip(jax.tree.leaves(ours.params), jax.tree.leaves(pa)):
+        np.testing.assert_array_equal(x, y)

@@ -37,7 +37,7 @@ def held_out_chunks(cfg, model_cfg: ModelConfig) -> list[data.Chunk]:
     fmt = data.training_format(tok, cfg.model.tokenizer, system=cfg.data.system, query=cfg.data.query)
     spec = data.ChunkSpec(cfg.data.chunk_seconds, cfg.data.overlap_seconds, cfg.policy)
     samples = data.read_samples(cfg.data.eval)
-    plan = data.plan_chunks(fmt, data.pad_id(tok), model_cfg, spec, run.vision_preprocess(cfg, tok), samples,
+    plan = data.plan_chunks(fmt, data.pad_id(tok), model_cfg, spec, run.vision_preprocess(cfg, tok, model_cfg), samples,
                             [data.Bucket(*b) for b in cfg.data.buckets])
     return [data.chunk_from_frames(fmt, model_cfg, spec, plan.vision_cfg, samples[r.sample], r.start,
                                    data.read_frames(samples[r.sample], r.start, r.end, cfg.policy.fps))

@@ -77,6 +77,31 @@ class VisionPreprocessConfig:
             rescale_factor=float(config.get("rescale_factor", defaults.rescale_factor)),
         )
 
+    def check_model(self, model_config) -> None:
+        """ValueError unless these settings cut frames into the patches the model's vision tower takes."""
+        v = model_config.vision
+        theirs = (self.patch_size, self.temporal_patch_size, self.merge_size)
+        ours = (v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
+        if theirs != ours:
+            raise ValueError(f"the preprocessing's (patch, temporal patch, merge) sizes {theirs} are not the "
+                             f"{model_config.model_type} vision tower's {ours} (a checkpoint's "
+                             "video_preprocessor_config.json or preprocessor_config.json sets them)")
+
+    def resized_size(self, height: int, width: int, n_frames: int) -> tuple[int, int]:
+        """`smart_resize` of frames of this size under these bounds; `n_frames` counts where the
+        bounds cover a clip's frames together (Qwen3-VL)."""
+        return smart_resize(height, width, factor=self.resize_factor, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels, num_frames=n_frames if self.bounds_count_frames else None,
+                            temporal_factor=self.temporal_patch_size)
+
+    @classmethod
+    def family_defaults(cls, model_type: str) -> "VisionPreprocessConfig":
+        """The processor of a model family with its own defaults, for a checkpoint without processor
+        files: Qwen3-VL's video processor, else Qwen2-VL's (Qwen2.5-VL shares it)."""
+        if model_type == "qwen3_vl":
+            return cls.from_video_preprocessor_config({"video_processor_type": "Qwen3VLVideoProcessor"})
+        return cls()
+
     @classmethod
     def from_video_preprocessor_config(cls, config: dict) -> "VisionPreprocessConfig":
         """Reads a `video_preprocessor_config.json` dict: Qwen2-VL's video processor (its defaults:
@@ -203,15 +228,7 @@ def patchify(frames_thwc: np.ndarray, config: VisionPreprocessConfig) -> tuple[n
 
 def resize_for_model(frames_thwc: np.ndarray, config: VisionPreprocessConfig) -> np.ndarray:
     """uint8 frames [..., H, W, 3] resized to the `smart_resize` size for `config` (still uint8)."""
-    height, width = smart_resize(
-        frames_thwc.shape[-3],
-        frames_thwc.shape[-2],
-        factor=config.resize_factor,
-        min_pixels=config.min_pixels,
-        max_pixels=config.max_pixels,
-        num_frames=frames_thwc.shape[0] if config.bounds_count_frames else None,
-        temporal_factor=config.temporal_patch_size,
-    )
+    height, width = config.resized_size(frames_thwc.shape[-3], frames_thwc.shape[-2], frames_thwc.shape[0])
     return resize_bicubic(frames_thwc, height, width)
 
 

@@ -44,20 +44,9 @@ def stream_preprocess(model_config: ModelConfig) -> VisionPreprocessConfig:
     the pixels of a second's frames together, in merged 32-px cells)."""
     if model_config.model_type != "qwen3_vl":
         return STREAM_PREPROCESS
-    base = VisionPreprocessConfig.from_video_preprocessor_config({"video_processor_type": "Qwen3VLVideoProcessor"})
+    base = VisionPreprocessConfig.family_defaults(model_config.model_type)
     cell = base.resize_factor**2 * base.temporal_patch_size
     return dataclasses.replace(base, min_pixels=100 * cell, max_pixels=768 * cell)
-
-
-def check_preprocess(preprocess: VisionPreprocessConfig, model_config: ModelConfig) -> None:
-    """ValueError unless `preprocess` cuts frames into the patches the model's vision tower takes."""
-    v = model_config.vision
-    theirs = (preprocess.patch_size, preprocess.temporal_patch_size, preprocess.merge_size)
-    ours = (v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
-    if theirs != ours:
-        raise ValueError(f"the preprocessing's (patch, temporal patch, merge) sizes {theirs} are not the "
-                         f"{model_config.model_type} vision tower's {ours} (a checkpoint's "
-                         "video_preprocessor_config.json or preprocessor_config.json sets them)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +80,7 @@ class StreamingSession:
         check_special_tokens(tokenizer.special, model.config)
         config.policy.check_model(model.config)
         preprocess = stream_preprocess(model.config) if preprocess is None else preprocess
-        check_preprocess(preprocess, model.config)
+        preprocess.check_model(model.config)
         self.mesh = mesh
         model = engine.per_layer(model)
         if mesh is not None:

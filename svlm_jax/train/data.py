@@ -50,7 +50,7 @@ import numpy as np
 
 from svlm_jax.stream_format import IGNORE, CachePolicy, Round, StreamFormat, round_user_text, truncate_previous
 from svlm_jax.config import ModelConfig, VisionConfig
-from svlm_jax.media.preprocess import VisionPreprocessConfig, preprocess_video, smart_resize
+from svlm_jax.media.preprocess import VisionPreprocessConfig, preprocess_video
 from svlm_jax.media.video import VideoReader
 from svlm_jax.model import vision
 from svlm_jax.model.vlm import positions_for
@@ -343,8 +343,7 @@ def patches_per_second(video: Path, vision_cfg: VisionPreprocessConfig, fps: int
     """Patch rows one second of `video` gives (its frames resized like preprocess_video does)."""
     with VideoReader(video, fps=fps) as reader:
         height, width = reader.height, reader.width
-    h, w = smart_resize(height, width, factor=vision_cfg.resize_factor, min_pixels=vision_cfg.min_pixels,
-                        max_pixels=vision_cfg.max_pixels)
+    h, w = vision_cfg.resized_size(height, width, fps)
     frames_per_grid = -(-fps // vision_cfg.temporal_patch_size)
     return frames_per_grid * (h // vision_cfg.patch_size) * (w // vision_cfg.patch_size)
 

@@ -41,7 +41,7 @@ from svlm_jax.stream_format import check_special_tokens
 from svlm_jax.tokenizer import Tokenizer
 from svlm_jax.train import data, sharding, step
 from svlm_jax.train.checkpoint import Checkpointer, abstract_params, restore_params
-from svlm_jax.train.config import TrainConfig, load_config
+from svlm_jax.train.config import TrainConfig, TrainConfigError, load_config
 from svlm_jax.weights import check_output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json",
@@ -72,8 +72,13 @@ def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, shardings: Params) 
                           shardings)
 
 
-def vision_preprocess(cfg: TrainConfig, tok: Tokenizer) -> VisionPreprocessConfig:
-    base = tok.vision_preprocess or VisionPreprocessConfig()
+def vision_preprocess(cfg: TrainConfig, tok: Tokenizer, model_cfg: ModelConfig) -> VisionPreprocessConfig:
+    """The tokenizer directory's processor (else the model family's defaults), [data]'s pixel bounds."""
+    base = tok.vision_preprocess or VisionPreprocessConfig.family_defaults(model_cfg.model_type)
+    try:
+        base.check_model(model_cfg)
+    except ValueError as error:
+        raise TrainConfigError(f"model.tokenizer {cfg.model.tokenizer}: {error}") from None
     return dataclasses.replace(base, min_pixels=cfg.data.min_pixels or base.min_pixels,
                                max_pixels=cfg.data.max_pixels or base.max_pixels)
 
@@ -198,7 +203,7 @@ def _plan(cfg: TrainConfig, tok: Tokenizer, model_cfg: ModelConfig, fmt, samples
     d = cfg.data
     return data.plan_chunks(fmt, data.pad_id(tok), model_cfg, data.ChunkSpec(d.chunk_seconds, d.overlap_seconds,
                                                                               cfg.policy),
-                            vision_preprocess(cfg, tok), data.read_samples(samples_path),
+                            vision_preprocess(cfg, tok, model_cfg), data.read_samples(samples_path),
                             [data.Bucket(n, p) for n, p in d.buckets])
 
 
