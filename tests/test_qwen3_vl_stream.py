@@ -108,7 +108,7 @@ def test_moved_keys_turn_by_interleaved_mrope(qwen3_model, stream_tokenizer, rng
     state = empty_state(lay, 1, 1, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
     old_s3, new_s3 = (jnp.asarray(rng.integers(0, 2000, (1, lay.size, 3)), jnp.int32) for _ in range(2))
     raw_ksh = jnp.asarray(rng.standard_normal((cfg.num_kv_heads, lay.size + 1, cfg.head_dim)), jnp.float32)
-    at = lambda pos_s3: rope.rotate_half(raw_ksh, angles_of(jnp.pad(pos_s3, ((0, 0), (0, 1), (0, 0))))[0][None])
+    at = lambda pos_s3: rope.rotate_by_angles(raw_ksh, angles_of(jnp.pad(pos_s3, ((0, 0), (0, 1), (0, 0))))[0][None])
     state = state.replace(k_layers_csh=(at(old_s3),), pos_bs3=old_s3, valid_bs=jnp.ones((1, lay.size), bool))
     moved = rotate_moved_keys(state, new_s3, angles_of)
     np.testing.assert_allclose(np.asarray(moved.k_layers_csh[0])[:, :-1], np.asarray(at(new_s3))[:, :-1],

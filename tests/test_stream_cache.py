@@ -92,7 +92,7 @@ def _one_round(spec: engine.EngineSpec, state, key):
         content_br=state.content_br.at[jnp.arange(b), ring].set(jax.random.randint(keys[0], (b,), 0, n_answer + 1)))
     k_bksh, v_bksh = (a[0].reshape(b, n_kv, -1, HEAD_DIM)[:, :, :lay.size] for a in (state.k_layers_csh,
                                                                                    state.v_layers_csh))
-    from_scratch = rope.rotate_half(v_bksh, _angles(state.pos_bs3)[:, None])
+    from_scratch = rope.rotate_by_angles(v_bksh, _angles(state.pos_bs3)[:, None])
     error = jnp.where(state.valid_bs[:, None, :, None], jnp.abs(k_bksh - from_scratch), 0)
     return state, jnp.max(error), jnp.max(jnp.where(state.valid_bs[:, :, None], state.pos_bs3, 0))
 

@@ -49,10 +49,10 @@ def mrope_angles(positions_bt3, inv_freq_f, mrope_section, interleaved: bool = F
 
 def apply_rotary(x_btnh, angles_bth2):
     """Rotate-half RoPE of x [B, T, N, H] by angles [B, T, H/2]; computed in float32, returned in x's dtype."""
-    return rotate_half(x_btnh, angles_bth2[:, :, None, :])
+    return rotate_by_angles(x_btnh, angles_bth2[:, :, None, :])
 
 
-def rotate_half(x, angles):
+def rotate_by_angles(x, angles):
     """Rotate-half RoPE of x [..., H] by angles [..., H/2] broadcast against x's other axes;
     computed in float32, returned in x's dtype."""
     cos, sin = jnp.cos(angles), jnp.sin(angles)

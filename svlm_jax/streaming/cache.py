@@ -262,6 +262,6 @@ def rotate_moved_keys(state: CacheState, new_pos_bs3, angles_of) -> CacheState:
     angles_csf = per_cache_row(angles_of(delta_bs3))
 
     def turn(k_csh):
-        return jnp.where(moved_cs1, rope.rotate_half(k_csh, angles_csf), k_csh)
+        return jnp.where(moved_cs1, rope.rotate_by_angles(k_csh, angles_csf), k_csh)
 
     return state.replace(k_layers_csh=tuple(turn(k) for k in state.k_layers_csh), pos_bs3=new_pos_bs3)
