@@ -7,9 +7,8 @@ a client that vanishes mid-stream and misbehaving clients.
     PYTHONPATH=. python experiments/bench_serve.py --soak     # 16 clients x 600 s, vanish + bad clients
     PYTHONPATH=. python experiments/bench_serve.py --smoke    # 1 and 2 clients x 10 s + a 20 s mini-soak, /tmp
     PYTHONPATH=. python experiments/bench_serve.py --clients 1 2 --seconds 30 --out /tmp/x.json
-    PYTHONPATH=. python experiments/bench_serve.py --server-per-case --server-arg=--min-pixels=12544 \
-        --server-arg=--max-pixels=12544 --out experiments/results/bench_serve_model_pixels_per_case.json
-        # a server of --max-streams = clients per case, at the checkpoint's own 112x112 pixel bounds
+    PYTHONPATH=. python experiments/bench_serve.py --server-per-case --server-arg=--dtype=bfloat16 \
+        --out /tmp/bench_serve_bf16.json   # a server of --max-streams = clients per case, other options
 
 One server for the whole invocation, `svlm serve --model svlm_jax/assets/demo_model --frame-size
 112x112 --max-streams N --port P` (N: the most clients of any case), run as a subprocess; the

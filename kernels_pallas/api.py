@@ -2,24 +2,31 @@
 
 Operations (ids are int arrays [B, Q] for queries and [B, K] for keys; outputs [B, Q, N, H]; keys and
 values [B, K, M, H] for sequences, [B*M, K, H] for a cache, row b * M + m = kv head m of stream b):
-  * `causal_attention`: packed causal documents (segment ids, causal by order ids), as in training.
-    Differentiable with every backend; its Pallas kernel is `flash_train` (forward and backward).
+  * `causal_attention`: packed causal documents (segment ids, causal by order ids, or by index when
+    none are given), as in training. Differentiable with every backend; its Pallas kernels are
+    `flash_train` (forward and backward) and splash attention (`tpu`).
   * `segment_attention`: block-diagonal segments only, no causality (vision windows and frames);
-    Pallas kernel `vision`.
+    Pallas kernels `vision` and splash attention.
   * `cached_prefill_attention`: a chunk of queries against a cache of (rotated) keys, causal by order
-    ids; Pallas kernel `prefill`.
+    ids; Pallas kernels `prefill` and splash attention.
   * `cached_decode_attention`: a few queries against that cache, order ids optional; Pallas kernel
-    `decode` (flash-decoding: the cache is split over programs).
-The Pallas kernels other than `flash_train` have no gradient.
+    `decode` (flash-decoding: the cache is split over programs); none on a TPU.
+Of the Pallas kernels, only those of `causal_attention` have a gradient.
 
-Backends: "xla" (the jnp reference: memory quadratic in sequence), "pallas" (this package's kernels,
-in interpret mode off a GPU: how the tests run them on CPU), "cudnn" (jax.nn.dot_product_attention
-on an NVIDIA GPU, bfloat16 / float16, mask built from the ids), and "auto".
+Backends: "xla" (the jnp reference: memory quadratic in sequence), "pallas" (Pallas kernels, see
+below), "cudnn" (jax.nn.dot_product_attention on an NVIDIA GPU, bfloat16 / float16, mask built from
+the ids), and "auto".
+Which Pallas kernels "pallas" runs (`pallas_target`): the environment variable KERNELS_PALLAS_TARGET
+("gpu": this package's kernels, lowered with Triton; "tpu": jax's splash attention, `tpu`) > the
+platform's (a TPU: "tpu", anything else: "gpu"). They are compiled on their own platform and run in
+interpret mode on any other: KERNELS_PALLAS_TARGET=tpu on a CPU runs the TPU kernels interpreted,
+which is how the tests check them without a TPU.
 Precedence: a `backend` argument other than "auto" > the environment variable KERNELS_PALLAS_BACKEND
-(read when a call is traced) > "auto". "auto" is "pallas" on a GPU when the kernel supports the
-call's shapes and dtypes (`_pallas_problem`), else "xla". The choice is plain Python on static
-shapes, dtypes and the platform. A backend that was asked for (argument or environment variable)
-and cannot serve a call raises a ValueError; there is no fallback.
+(environment variables are read when a call is traced) > "auto". "auto" is "pallas" on the target's own platform (a GPU
+or a TPU) when the kernel supports the call's shapes and dtypes (`_pallas_problem`, `_tpu_problem`),
+else "xla"; on a CPU it is "xla". The choice is plain Python on static shapes, dtypes and the
+platform. A backend that was asked for (argument or environment variable) and cannot serve a call
+raises a ValueError; there is no fallback.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ from typing import Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import decode, flash_train, prefill, reference, vision
+from kernels_pallas import decode, flash_train, prefill, reference, tpu, vision
 
 Backend = Literal["auto", "pallas", "xla", "cudnn"]
 BACKENDS = get_args(Backend)
 ENV_VAR = "KERNELS_PALLAS_BACKEND"
+TARGET_ENV_VAR = "KERNELS_PALLAS_TARGET"
+TARGETS = ("gpu", "tpu")
 OPERATIONS = ("causal_attention", "segment_attention", "cached_prefill_attention", "cached_decode_attention")
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Largest head dim the kernels have run with on a GPU (experiments/bench_kernels.py: 128, and 80
@@ -43,37 +52,42 @@ PALLAS_MAX_HEAD_DIM = 128
 # The decode kernel holds all rows (queries x query heads per kv head) of a kv head in one tile.
 DECODE_MAX_ROWS = 128
 
-__all__ = ["BACKENDS", "ENV_VAR", "OPERATIONS", "Backend", "cached_decode_attention",
-           "cached_prefill_attention", "causal_attention", "resolve_backend", "segment_attention"]
+__all__ = ["BACKENDS", "ENV_VAR", "OPERATIONS", "TARGETS", "TARGET_ENV_VAR", "Backend", "cached_decode_attention",
+           "cached_prefill_attention", "causal_attention", "pallas_target", "resolve_backend", "segment_attention"]
 
 
-def causal_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk, *,
+def causal_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None, *,
                      scale=None, backend: Backend = "auto"):
-    """Keys visible within equal segments (> 0) and at order <= the query's; differentiable."""
-    return _dispatch("causal_attention", backend, flash_train.flash_attention, q_bqnh, k_bkmh, v_bkmh,
-                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale)
+    """Keys visible within equal segments (> 0) and at order <= the query's; differentiable.
+
+    Without order ids the order is the index in the row (a training pack). The TPU kernel then uses
+    splash's causal mask, computed in the kernel; given order ids, it must build a [Q, K] mask (`tpu`)."""
+    if (q_order_bq is None) != (kv_order_bk is None):
+        raise ValueError("q_order_bq and kv_order_bk must be given together")
+    return _dispatch("causal_attention", backend, (flash_train.flash_attention, tpu.causal_attention), q_bqnh,
+                     k_bkmh, v_bkmh, (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale)
 
 
 def segment_attention(q_bqnh, k_bkmh, v_bkmh, q_segment_bq, kv_segment_bk, *, scale=None,
                       backend: Backend = "auto"):
     """Keys visible within equal segments (> 0), no causality."""
-    return _dispatch("segment_attention", backend, vision.vision_attention, q_bqnh, k_bkmh, v_bkmh,
-                     (q_segment_bq, kv_segment_bk), scale=scale)
+    return _dispatch("segment_attention", backend, (vision.vision_attention, tpu.segment_attention), q_bqnh,
+                     k_bkmh, v_bkmh, (q_segment_bq, kv_segment_bk), scale=scale)
 
 
 def cached_prefill_attention(q_bqnh, k_ckh, v_ckh, q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk, *,
                              scale=None, backend: Backend = "auto"):
     """A chunk of queries against a cache [B*M, K, H] (keys rotated by the caller); visible within
     equal segments (> 0) and at order <= the query's."""
-    return _dispatch("cached_prefill_attention", backend, prefill.prefill_attention, q_bqnh, k_ckh, v_ckh,
-                     (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale)
+    return _dispatch("cached_prefill_attention", backend, (prefill.prefill_attention, tpu.cached_prefill_attention),
+                     q_bqnh, k_ckh, v_ckh, (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale)
 
 
 def cached_decode_attention(q_bqnh, k_ckh, v_ckh, q_segment_bq, kv_segment_bk, q_order_bq=None,
                             kv_order_bk=None, *, scale=None, backend: Backend = "auto"):
     """`cached_prefill_attention` for a few queries (at most DECODE_MAX_ROWS rows for "pallas");
     without order ids every key of the query's segment is visible."""
-    return _dispatch("cached_decode_attention", backend, decode.decode_attention, q_bqnh, k_ckh, v_ckh,
+    return _dispatch("cached_decode_attention", backend, (decode.decode_attention, None), q_bqnh, k_ckh, v_ckh,
                      (q_segment_bq, kv_segment_bk, q_order_bq, kv_order_bk), scale=scale)
 
 
@@ -87,9 +101,10 @@ def resolve_backend(op: str, backend: Backend, q_bqnh, k, v) -> str:
     if op not in OPERATIONS:
         raise ValueError(f"unknown attention operation {op!r}; expected one of {OPERATIONS}")
     requested, source = _requested(backend)
-    pallas = _pallas_problem(op, q_bqnh, k, v)
+    target = pallas_target()
+    pallas = (_tpu_problem if target == "tpu" else _pallas_problem)(op, q_bqnh, k, v)
     if requested == "auto":
-        return "pallas" if jax.default_backend() == "gpu" and pallas is None else "xla"
+        return "pallas" if jax.default_backend() == target and pallas is None else "xla"
     problem = {"xla": None, "pallas": pallas, "cudnn": _cudnn_problem(q_bqnh, k, v)}[requested]
     if problem is not None:
         raise ValueError(f"{op}: backend {requested!r}{source} cannot serve this call: {problem}; "
@@ -97,13 +112,36 @@ def resolve_backend(op: str, backend: Backend, q_bqnh, k, v) -> str:
     return requested
 
 
-def _pallas_problem(op: str, q_bqnh, k, v) -> str | None:
-    """Why the Pallas kernel of `op` does not support these arrays, or None when it does."""
+def pallas_target() -> str:
+    """Which Pallas kernels "pallas" runs, "gpu" or "tpu" (precedence in the module docstring)."""
+    env = os.environ.get(TARGET_ENV_VAR, "")
+    if env and env not in TARGETS:
+        raise ValueError(f"{TARGET_ENV_VAR}={env!r} is not one of {TARGETS}")
+    return env or ("tpu" if jax.default_backend() == "tpu" else "gpu")
+
+
+def _dtype_problem(q_bqnh, k, v, supported) -> str | None:
+    """Why a kernel for the dtypes `supported` cannot take these arrays, or None when it can."""
     dtypes = (q_bqnh.dtype, k.dtype, v.dtype)
     if len(set(dtypes)) > 1:
         return f"q, k and v have different dtypes {tuple(str(d) for d in dtypes)}"
-    if q_bqnh.dtype not in PALLAS_DTYPES:
-        return f"dtype {q_bqnh.dtype} is not float32, bfloat16 or float16"
+    if q_bqnh.dtype not in supported:
+        names = [jnp.dtype(d).name for d in supported]
+        return f"dtype {q_bqnh.dtype} is not {', '.join(names[:-1])} or {names[-1]}"
+    return None
+
+
+def _tpu_problem(op: str, q_bqnh, k, v) -> str | None:
+    """Why splash attention (`tpu`) does not serve `op` on these arrays, or None when it does."""
+    if op == "cached_decode_attention":
+        return "there is no TPU decode kernel (XLA serves decode on a TPU)"
+    return _dtype_problem(q_bqnh, k, v, tpu.DTYPES)
+
+
+def _pallas_problem(op: str, q_bqnh, k, v) -> str | None:
+    """Why the (GPU) Pallas kernel of `op` does not support these arrays, or None when it does."""
+    if (problem := _dtype_problem(q_bqnh, k, v, PALLAS_DTYPES)) is not None:
+        return problem
     if q_bqnh.shape[-1] > PALLAS_MAX_HEAD_DIM:
         return f"head dim {q_bqnh.shape[-1]} is above {PALLAS_MAX_HEAD_DIM}"
     if op == "cached_decode_attention":
@@ -136,11 +174,17 @@ def _cudnn_problem(q_bqnh, k, v) -> str | None:
     return None
 
 
-def _dispatch(op: str, backend: Backend, pallas_kernel, q_bqnh, k, v, ids, *, scale):
-    """Runs `op` on the backend `resolve_backend` picks; ids are the segment (and order) ids."""
+def _dispatch(op: str, backend: Backend, kernels, q_bqnh, k, v, ids, *, scale):
+    """Runs `op` on the backend `resolve_backend` picks; kernels are its (GPU, TPU) Pallas kernels,
+    ids the segment (and order) ids."""
     chosen = resolve_backend(op, backend, q_bqnh, k, v)
+    gpu_kernel, tpu_kernel = kernels
+    if chosen == "pallas" and pallas_target() == "tpu":
+        return tpu_kernel(q_bqnh, k, v, *ids, scale=scale)
+    if op == "causal_attention" and ids[2] is None:  # causal by index: order ids for the kernels that read them
+        ids = (*ids[:2], *map(reference.index_order, ids[:2]))
     if chosen == "pallas":
-        return pallas_kernel(q_bqnh, k, v, *ids, scale=scale)
+        return gpu_kernel(q_bqnh, k, v, *ids, scale=scale)
     if op in CACHED:
         if chosen == "cudnn":  # cuDNN reads sequences [B, K, M, H]: the cache is transposed for it
             b = q_bqnh.shape[0]

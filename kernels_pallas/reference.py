@@ -16,6 +16,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
+def index_order(ids_bx):
+    """Order ids equal to the index [B, X]: causality in a row's own order (a training pack)."""
+    return jnp.broadcast_to(jnp.arange(ids_bx.shape[1], dtype=jnp.int32), ids_bx.shape)
+
+
 def attention_mask(q_segment_bq, kv_segment_bk, q_order_bq=None, kv_order_bk=None):
     """Boolean visibility [B, Q, K] from segment ids and optional causal order ids."""
     mask_bqk = (q_segment_bq[:, :, None] == kv_segment_bk[:, None, :]) & (kv_segment_bk[:, None, :] > 0)

@@ -186,8 +186,20 @@ def add_pixel_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bfloat16",
-                        help="weights and cache number type (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("auto", *DTYPE_BYTES), default="auto",
+                        help="weights and cache number type; auto: float32 on a CPU, bfloat16 on a GPU or TPU "
+                             "(default: %(default)s)")
+
+
+def run_dtype(choice: str) -> str:
+    """The number type `--dtype auto` means here: float32 when jax computes on the CPU, whose
+    backend runs bfloat16 by converting to float32 (a whole cache layer per stream's write in a
+    batch), bfloat16 on an accelerator."""
+    if choice != "auto":
+        return choice
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def with_stream_defaults(args: argparse.Namespace, model_dir: str) -> argparse.Namespace:
@@ -474,7 +486,7 @@ def run_stream(args: argparse.Namespace) -> int:
                            f"({preprocess.temporal_patch_size}), got {args.fps}")
         config = args.stream_defaults.stream_config(sampling=sampling_config(args, tokenizer), pos_mode=args.pos_mode,
                                                     seed=args.seed)
-        model = load_pretrained(args.model, dtype=args.dtype)
+        model = load_pretrained(args.model, dtype=run_dtype(args.dtype))
         try:
             session = make_session(args, model, tokenizer, config, preprocess)
         except ValueError as error:
@@ -648,17 +660,20 @@ def run_info(args: argparse.Namespace) -> int:
     n_params = sum(math.prod(shape) for _, shape in leaves)
     n_vision = sum(math.prod(shape) for path, shape in leaves if path.startswith("vision."))
     t, v = model_config.text, model_config.vision
-    dtype_bytes = DTYPE_BYTES[args.dtype]
+    dtype = run_dtype(args.dtype)
+    dtype_bytes = DTYPE_BYTES[dtype]
     weight_bytes = n_params * dtype_bytes
     print(f"checkpoint      {args.model}")
-    print(f"model type      {model_config.model_type}")
+    mlp = (f"{t.num_experts} experts of MLP {t.moe_intermediate_size}, {t.num_experts_per_tok} a token"
+           if t.num_experts else f"MLP {t.intermediate_size}")
+    print(f"model type      {model_config.hf_model_type}")
     print(f"language model  {t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads} heads "
-          f"({t.num_kv_heads} key/value heads, head dim {t.head_dim}), MLP {t.intermediate_size}, "
+          f"({t.num_kv_heads} key/value heads, head dim {t.head_dim}), {mlp}, "
           f"vocab {t.vocab_size}, {'tied' if t.tie_word_embeddings else 'untied'} embeddings")
     print(f"vision tower    {v.depth} blocks, hidden {v.hidden_size}, {v.num_heads} heads, MLP {v.intermediate_size}, "
           f"{v.patch_size} px patches merged {v.spatial_merge_size}x{v.spatial_merge_size}")
     print(f"parameters      {n_params:,} (vision {n_vision:,}, language {n_params - n_vision:,})")
-    print(f"memory at {args.dtype}")
+    print(f"memory at {dtype}")
     print(f"  weights       {human_bytes(weight_bytes)}")
     print_stream_defaults(args)
     if not (Path(args.model) / "tokenizer.json").is_file():
@@ -835,7 +850,7 @@ def run_serve(args: argparse.Namespace) -> int:
     preprocess = stream_preprocess(tokenizer, args.min_pixels, args.max_pixels)
     config = dataclasses.replace(args.stream_defaults, policy=policy).stream_config(
         sampling=sampling_config(args, tokenizer), pos_mode=args.pos_mode, seed=args.seed)
-    model = load_pretrained(args.model, dtype=args.dtype)
+    model = load_pretrained(args.model, dtype=run_dtype(args.dtype))
     try:
         session = StreamingSession(model, tokenizer, config, batch=args.max_streams, preprocess=preprocess,
                                    mesh=device_mesh(args))

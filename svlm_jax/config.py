@@ -3,10 +3,11 @@
 Both the legacy hub layout (text keys at the top level, `rope_scaling`) and the transformers 5
 layout (`text_config`, `rope_parameters`) are read; transformers 5's layout is written.
 
-Three families share one code path: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense). `model_type` names
-the family; what differs is spelled out as fields that the model code reads (the vision tower's
-`kind`, activation, learned position table and DeepStack levels; the text layers' q/k/v bias,
-q/k norm and M-RoPE layout), each set once per family by `_from_hf` and the presets.
+Three families share one code path: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense, and its MoE variant,
+HF model_type "qwen3_vl_moe"). `model_type` names the family; what differs is spelled out as fields
+that the model code reads (the vision tower's `kind`, activation, learned position table and
+DeepStack levels; the text layers' q/k/v bias, q/k norm, M-RoPE layout and experts), each set once
+per family by `_from_hf` and the presets.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from pathlib import Path
 from svlm_jax.model.rope import RESUME_RULES
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+# HF model_types read as a family: Qwen3-VL-MoE is Qwen3-VL (same vision tower, processor and
+# streaming) whose text layers are sparse (`TextConfig.num_experts`).
+HF_MODEL_TYPES = {**{t: t for t in SUPPORTED_MODEL_TYPES}, "qwen3_vl_moe": "qwen3_vl"}
 # Activations of the vision MLP (HF's `hidden_act` names); the gated MLP of Qwen2.5-VL uses silu.
 VISION_ACTIVATIONS = ("silu", "quick_gelu", "gelu_pytorch_tanh", "gelu")
 _DEFAULT_VISION_ACTIVATION = {"qwen2_5_vl": "silu", "qwen2_vl": "quick_gelu", "qwen3_vl": "gelu_pytorch_tanh"}
@@ -107,7 +111,10 @@ class VisionConfig:
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     """The language model: Qwen2 layers (q/k/v bias), or Qwen3 layers (`qk_norm`: RMSNorm of each
-    query and key head before rotary, no bias) with M-RoPE frequencies interleaved over t, h, w."""
+    query and key head before rotary, no bias) with M-RoPE frequencies interleaved over t, h, w.
+    With `num_experts` (Qwen3-VL-MoE) every layer's MLP is a sparse mixture of that many SwiGLU
+    experts of width `moe_intermediate_size`, `num_experts_per_tok` of them per token (the layers are
+    stacked and scanned, so a mix of dense and sparse layers is not supported)."""
 
     vocab_size: int
     hidden_size: int
@@ -123,12 +130,23 @@ class TextConfig:
     qkv_bias: bool = True
     qk_norm: bool = False
     mrope_interleaved: bool = False  # see rope.mrope_axis
+    num_experts: int = 0  # 0: a dense SwiGLU MLP of width intermediate_size in every layer
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
 
     def __post_init__(self):
         if self.head_dim is None:
             _check(self.hidden_size % self.num_heads == 0,
                    "text hidden_size must be divisible by num_attention_heads (or head_dim given)")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_experts:
+            _check(1 <= self.num_experts_per_tok <= self.num_experts,
+                   f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and num_experts "
+                   f"({self.num_experts})")
+            _check(self.moe_intermediate_size >= 1, "moe_intermediate_size must be a positive integer")
+        else:
+            _check(self.num_experts_per_tok == self.moe_intermediate_size == 0,
+                   "num_experts_per_tok and moe_intermediate_size need num_experts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +167,8 @@ class ModelConfig:
         _check(self.resume_rule in RESUME_RULES, f"resume_rule must be one of {RESUME_RULES}")
         t, v = self.text, self.vision
         _check(v.kind == self.model_type, f"vision kind {v.kind!r} does not match model_type {self.model_type!r}")
+        _check(not t.num_experts or self.model_type == "qwen3_vl",
+               f"experts (num_experts {t.num_experts}) are supported for Qwen3-VL only, not {self.model_type}")
         _check(t.num_heads % t.num_kv_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads")
         _check(2 * sum(t.mrope_section) == t.head_dim,
                f"mrope_section {list(t.mrope_section)} must sum to head_dim/2 = {t.head_dim // 2}")
@@ -195,6 +215,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return _to_hf(self)
+
+    @property
+    def hf_model_type(self) -> str:
+        """transformers' model_type: the family's, "qwen3_vl_moe" for Qwen3-VL with experts."""
+        return "qwen3_vl_moe" if self.text.num_experts else self.model_type
 
     @property
     def frame_blocks(self) -> bool:
@@ -319,10 +344,11 @@ def _from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     r = _Reader(source)
     if not isinstance(cfg, dict):
         r.fail(f"expected a JSON object at the top level, got {_shown(cfg)}")
-    model_type = cfg.get("model_type")
-    shown_type = repr(model_type) if isinstance(model_type, str) else _shown(model_type)
-    r.check(model_type in SUPPORTED_MODEL_TYPES,
-            f"model_type {shown_type} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    hf_type = cfg.get("model_type")
+    shown_type = repr(hf_type) if isinstance(hf_type, str) else _shown(hf_type)
+    r.check(isinstance(hf_type, str) and hf_type in HF_MODEL_TYPES,
+            f"model_type {shown_type} is not supported; supported: {', '.join(HF_MODEL_TYPES)}")
+    model_type = HF_MODEL_TYPES[hf_type]
     # transformers 5 nests text keys in text_config; the hub's original files keep them at the top.
     text_cfg = r.obj(cfg, "text_config", "text_config")
     text = {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **text_cfg}
@@ -361,6 +387,8 @@ def _from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         bias = tget("attention_bias", _bool, False, null_is_default=True)
         r.check(not bias, f"{tp('attention_bias')}=true is not supported for Qwen3-VL")
         qwen3_layers = dict(head_dim=tget("head_dim", default=128, null_is_default=True), **QWEN3_TEXT_LAYERS)
+    if hf_type == "qwen3_vl_moe":
+        qwen3_layers.update(_experts(r, text, tp))
     t = r.build(
         TextConfig,
         vocab_size=tget("vocab_size"),
@@ -442,12 +470,33 @@ def _from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     return r.build(ModelConfig, model_type=model_type, vision=v, text=t, **ids)
 
 
+def _experts(r: _Reader, text: dict, tp) -> dict:
+    """Qwen3-VL-MoE's expert fields of TextConfig (defaults: transformers' Qwen3VLMoeTextConfig's)."""
+    def tget(key, convert=POSITIVE, default=_MISSING):
+        return r.get(text, key, tp(key), convert, default, where="text_config")
+
+    # transformers 5 writes num_experts under its attribute name
+    count_key = "num_local_experts" if "num_local_experts" in text and "num_experts" not in text else "num_experts"
+    experts = dict(num_experts=tget(count_key, default=60), num_experts_per_tok=tget("num_experts_per_tok", default=4),
+                   moe_intermediate_size=tget("moe_intermediate_size", default=1408))
+    r.check(tget("decoder_sparse_step", default=1) == 1,
+            f"{tp('decoder_sparse_step')} must be 1: only models whose every text layer is sparse are supported "
+            "(the layers are stacked and scanned)")
+    dense = tget("mlp_only_layers", _int_list(0), ())
+    r.check(not dense, f"{tp('mlp_only_layers')} must be empty: only models whose every text layer is sparse are "
+                       f"supported (the layers are stacked and scanned), got {list(dense)}")
+    # transformers' router renormalises the top-k weights whatever this says: a false is not followed
+    r.check(tget("norm_topk_prob", _bool, True), f"{tp('norm_topk_prob')}=false is not supported (transformers' "
+                                                 "Qwen3-VL-MoE router always renormalises the top-k weights)")
+    return experts
+
+
 def _to_hf(c: ModelConfig) -> dict:
     t, v = c.text, c.vision
     arch = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-            "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+            "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
     text = {
-        "model_type": f"{c.model_type}_text",
+        "model_type": f"{c.hf_model_type}_text",
         "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
         "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
         "num_key_value_heads": t.num_kv_heads, "hidden_act": "silu", "rms_norm_eps": t.rms_norm_eps,
@@ -458,6 +507,10 @@ def _to_hf(c: ModelConfig) -> dict:
     if c.model_type == "qwen3_vl":
         text.update(head_dim=t.head_dim, attention_bias=False)
         text["rope_parameters"]["mrope_interleaved"] = True
+    if t.num_experts:  # the hub's spelling; every layer sparse
+        text.update(num_experts=t.num_experts,
+                    num_experts_per_tok=t.num_experts_per_tok, moe_intermediate_size=t.moe_intermediate_size,
+                    decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
     common = {"depth": v.depth, "num_heads": v.num_heads, "patch_size": v.patch_size,
               "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
               "in_channels": v.in_channels,
@@ -469,7 +522,7 @@ def _to_hf(c: ModelConfig) -> dict:
                   "fullatt_block_indexes": list(v.fullatt_block_indexes),
                   "tokens_per_second": _number(v.tokens_per_second)}
     elif c.model_type == "qwen3_vl":
-        vision = {**common, "model_type": "qwen3_vl_vision", "hidden_size": v.hidden_size,
+        vision = {**common, "model_type": f"{c.hf_model_type}_vision", "hidden_size": v.hidden_size,
                   "intermediate_size": v.intermediate_size, "out_hidden_size": v.out_hidden_size,
                   "hidden_act": v.hidden_act, "num_position_embeddings": v.num_position_embeddings,
                   "deepstack_visual_indexes": list(v.deepstack_visual_indexes)}
@@ -478,7 +531,7 @@ def _to_hf(c: ModelConfig) -> dict:
                   "mlp_ratio": _number(v.intermediate_size / v.hidden_size), "hidden_size": v.out_hidden_size,
                   "hidden_act": "quick_gelu"}
     return {
-        "architectures": [arch[c.model_type]], "model_type": c.model_type,
+        "architectures": [arch[c.hf_model_type]], "model_type": c.hf_model_type,
         "text_config": text, "vision_config": vision,
         "tie_word_embeddings": t.tie_word_embeddings,
         "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
@@ -512,7 +565,10 @@ def _qwen2(hidden, inter, layers, heads, kv, vocab, tie) -> ModelConfig:
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 
-def _qwen3(hidden, inter, layers, heads, kv, tie, vision_depth, vision_hidden, vision_inter, deepstack) -> ModelConfig:
+def _qwen3(hidden, inter, layers, heads, kv, tie, vision_depth, vision_hidden, vision_inter, deepstack,
+           experts: tuple[int, int, int] = (0, 0, 0)) -> ModelConfig:
+    """experts: (num_experts, num_experts_per_tok, moe_intermediate_size) of a Qwen3-VL-MoE."""
+    n_experts, top_k, moe_inter = experts
     return ModelConfig(
         model_type="qwen3_vl",
         vision=VisionConfig(kind="qwen3_vl", depth=vision_depth, hidden_size=vision_hidden, num_heads=16,
@@ -521,13 +577,18 @@ def _qwen3(hidden, inter, layers, heads, kv, tie, vision_depth, vision_hidden, v
                             deepstack_visual_indexes=deepstack),
         text=TextConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
                         num_heads=heads, num_kv_heads=kv, head_dim=128, rope_theta=5_000_000.0,
-                        mrope_section=(24, 20, 20), tie_word_embeddings=tie, **QWEN3_TEXT_LAYERS),
+                        mrope_section=(24, 20, 20), tie_word_embeddings=tie, num_experts=n_experts,
+                        num_experts_per_tok=top_k, moe_intermediate_size=moe_inter, **QWEN3_TEXT_LAYERS),
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 
 def tiny(model_type: str = "qwen2_5_vl", *, vocab_size: int = 512, tie_word_embeddings: bool = False) -> ModelConfig:
-    """A few-hundred-kB model for tests and the bundled demo; special tokens at the top of the vocab."""
+    """A few-hundred-kB model for tests and the bundled demo; special tokens at the top of the vocab.
+    `model_type` is a HF one ("qwen3_vl_moe": Qwen3-VL with 6 experts, 2 a token)."""
     text_family = {}
+    if model_type == "qwen3_vl_moe":  # expert widths unlike hidden_size: the expert layouts stay unambiguous
+        text_family = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24)
+    model_type = HF_MODEL_TYPES[model_type]
     if model_type == "qwen2_5_vl":
         vision = VisionConfig(kind="qwen2_5_vl", depth=4, hidden_size=32, num_heads=2, intermediate_size=48,
                               out_hidden_size=64, fullatt_block_indexes=(1, 3))
@@ -535,7 +596,7 @@ def tiny(model_type: str = "qwen2_5_vl", *, vocab_size: int = 512, tie_word_embe
         vision = VisionConfig(kind="qwen3_vl", depth=3, hidden_size=32, num_heads=2, intermediate_size=64,
                               out_hidden_size=64, patch_size=16, window_size=None, tokens_per_second=None,
                               num_position_embeddings=64, deepstack_visual_indexes=(0, 1))
-        text_family = dict(head_dim=16, **QWEN3_TEXT_LAYERS)
+        text_family.update(head_dim=16, **QWEN3_TEXT_LAYERS)
     else:
         vision = VisionConfig(kind="qwen2_vl", depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
                               out_hidden_size=64, window_size=None, tokens_per_second=None)
@@ -559,9 +620,13 @@ PRESETS = {
     "qwen3-vl-4b": _qwen3(2560, 9728, 36, 32, 8, True, 24, 1024, 4096, (5, 11, 17)),
     "qwen3-vl-8b": _qwen3(4096, 12288, 36, 32, 8, False, 27, 1152, 4304, (8, 16, 24)),
     "qwen3-vl-32b": _qwen3(5120, 25600, 64, 64, 8, False, 27, 1152, 4304, (8, 16, 24)),
+    "qwen3-vl-30b-a3b": _qwen3(2048, 6144, 48, 32, 4, False, 27, 1152, 4304, (8, 16, 24), experts=(128, 8, 768)),
+    "qwen3-vl-235b-a22b": _qwen3(4096, 12288, 94, 64, 4, False, 27, 1152, 4304, (8, 16, 24),
+                                 experts=(128, 8, 1536)),
     "tiny": tiny("qwen2_5_vl"),
     "tiny-qwen2-vl": tiny("qwen2_vl"),
     "tiny-qwen3-vl": tiny("qwen3_vl"),
+    "tiny-qwen3-vl-moe": tiny("qwen3_vl_moe"),
 }
 
 

@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 from svlm_jax.config import ModelConfig
 from svlm_jax.model.params import Model, Params, map_param_tree, param_leaves
-from svlm_jax.weights import CheckpointError, Slot, _weight_files, hf_slots, matched_names
+from svlm_jax.weights import (CheckpointError, Slot, _weight_files, hf_slots, matched_names,
+                              transformers_expert_layout)
 
 
 def load_sharded(path, shardings: Params, dtype) -> Model:
@@ -81,9 +82,13 @@ def _read_into(out: np.ndarray, file: Path, name: str, slot: Slot, shape: tuple[
         with safe_open(file, framework="np") as f:
             stored = f.get_slice(name)
             stored_shape = tuple(stored.get_shape())
-            if stored_shape != slot.hf_shape:
+            transposed_experts = transformers_expert_layout(slot, stored_shape)
+            if stored_shape != slot.hf_shape and not transposed_experts:
                 raise CheckpointError(f"tensor {name} in {file.name} has shape {stored_shape}, expected {slot.hf_shape}")
-            if slot.n_in:
+            if transposed_experts:  # [X, out, in] on disk: read the box's span of it, then turn it
+                (x0, x1), (i0, i1), (o0, o1) = box
+                part = stored[x0:x1, o0:o1, i0:i1].swapaxes(1, 2)
+            elif slot.n_in:
                 r0, r1, rows = _flat_span(shape[slot.n_in:], box[slot.n_in:])
                 c0, c1, cols = _flat_span(shape[:slot.n_in], box[:slot.n_in])
                 if len(stored_shape) == 2:

@@ -58,6 +58,9 @@ RULES = (
     Rule("model.layers.{i}.mlp.down_proj.weight", "text.layers.down_w_lfd", 1),
     Rule("model.layers.{i}.self_attn.q_norm.weight", "text.layers.q_norm_lh", 0),
     Rule("model.layers.{i}.self_attn.k_norm.weight", "text.layers.k_norm_lh", 0),
+    Rule("model.layers.{i}.mlp.gate.weight", "text.layers.router_w_ldx", 1),
+    Rule("model.layers.{i}.mlp.experts.gate_up_proj", "text.layers.expert_gate_up_w_lxdg", 0),
+    Rule("model.layers.{i}.mlp.experts.down_proj", "text.layers.expert_down_w_lxfd", 0),
     Rule("visual.patch_embed.proj.weight", "vision.patch_w_pc", 1),
     Rule("visual.patch_embed.proj.bias", "vision.patch_b_c", 0),
     Rule("visual.pos_embed.weight", "vision.pos_embed_qc", 0),
@@ -99,8 +102,10 @@ _FAMILY_RULES = {
                             ("vision.deepstack.fc1_w_see", "vision.deepstack.fc1_b_se",
                              "vision.deepstack.fc2_w_sed", "vision.deepstack.fc2_b_sd"))),
 }
-# Tables of rows stored as they are (not flattened like norms and biases).
-_TABLES = ("text.embed_vd", "vision.pos_embed_qc")
+# The experts' stacked matrices, stored as the hub's checkpoints hold them: [X, in, out] (ours).
+_EXPERTS = ("text.layers.expert_gate_up_w_lxdg", "text.layers.expert_down_w_lxfd")
+# Tensors stored as they are (not flattened like norms and biases): tables of rows, the experts.
+_AS_IS = ("text.embed_vd", "vision.pos_embed_qc", *_EXPERTS)
 _ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 # Families whose checkpoints (on the hub too) spell names the transformers 5 way: saved so.
 _SAVED_WITH_ALIASES = ("qwen3_vl",)
@@ -130,7 +135,7 @@ def hf_slots(config: ModelConfig) -> dict[str, Slot]:
             hf_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
         elif rule.n_in:
             hf_shape = (math.prod(shape[rule.n_in:]), math.prod(shape[:rule.n_in]))
-        elif rule.leaf in _TABLES:
+        elif rule.leaf in _AS_IS:
             hf_shape = shape
         else:
             hf_shape = (math.prod(shape),)
@@ -169,6 +174,21 @@ def to_hf(array: np.ndarray, slot: Slot) -> np.ndarray:
         n_out = slot.hf_shape[0]
         return np.ascontiguousarray(array.reshape(-1, n_out).T).reshape(slot.hf_shape)
     return np.ascontiguousarray(array).reshape(slot.hf_shape)
+
+
+def transformers_expert_layout(slot: Slot, stored_shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of `stored_shape` is `slot`'s experts as transformers 5 holds them and its
+    `save_pretrained` writes them, [X, out, in], the hub's [X, in, out] transposed. Told apart by
+    shape, as transformers does: a square expert matrix (hidden size = 2F or F) reads as the hub's."""
+    if slot.leaf not in _EXPERTS or tuple(stored_shape) == slot.hf_shape:
+        return False
+    n_experts, n_in, n_out = slot.hf_shape
+    return tuple(stored_shape) == (n_experts, n_out, n_in)
+
+
+def hub_layout(tensor: np.ndarray, slot: Slot) -> np.ndarray:
+    """A tensor as `slot` expects it: experts in transformers' layout transposed to the hub's."""
+    return np.swapaxes(tensor, 1, 2) if transformers_expert_layout(slot, tensor.shape) else tensor
 
 
 def _leaf_get(params: Params, leaf: str):
@@ -227,7 +247,8 @@ def matched_names(path: Path, config: ModelConfig, slots: dict[str, Slot], files
 
 
 def load_pretrained(path, dtype="bfloat16") -> Model:
-    """Load a HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint directory into a `Model` (params in `dtype`)."""
+    """Load a HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) checkpoint directory into a `Model`
+    (params in `dtype`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -243,7 +264,7 @@ def load_pretrained(path, dtype="bfloat16") -> Model:
         try:
             # One tensor per opening: the memory map, and the pages it touched, go with it.
             with safe_open(file, framework="np") as f:
-                tensor = f.get_tensor(names[name])
+                tensor = hub_layout(f.get_tensor(names[name]), slot)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
         if tuple(tensor.shape) != slot.hf_shape:

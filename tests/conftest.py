@@ -121,3 +121,36 @@ def write_synth_sft(path, first_seed: int = 0):
 def synth_sft(tmp_path_factory):
     """Training samples of a synthetic match (tiny training runs)."""
     return write_synth_sft(tmp_path_factory.mktemp("sft"))
+
+
+def end_prone(model, tokenizer, config, random_second):
+    """A random model rarely says <|im_end|>: point its head row at the embedding of the token greedy
+    decoding repeats most after an answer's first token (found by streaming 12 seconds
+    `random_second(rng)` with the greedy StreamConfig `config`), scaled so that about half of the
+    rounds end with it and the others are cut at max_new_tokens."""
+    import collections
+
+    import jax.numpy as jnp
+
+    from svlm_jax.streaming import StreamingSession
+
+    def rounds_of(m, n=12):
+        session = StreamingSession(m, tokenizer, config)
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            session.step_batch([random_second(rng)], [float(i)], [float(i + 1)])
+            out = session.last_output
+            yield np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])].tolist()
+
+    counts = collections.Counter(t for gen in rounds_of(model) for t in gen[1:])
+    p = model.params.text
+    direction = p.embed_vd[counts.most_common(1)[0][0]] * p.final_norm_d
+    unit = jnp.linalg.norm(p.lm_head_dv, axis=0).mean() / jnp.linalg.norm(direction)
+    best = None
+    for scale in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0):  # a Qwen3 head needs the upper end
+        head = p.lm_head_dv.at[:, tokenizer.special.im_end].set(scale * unit * direction)
+        candidate = model.replace(params=model.params.replace(text=p.replace(lm_head_dv=head)))
+        ended = np.mean([gen[-1] == tokenizer.special.im_end for gen in rounds_of(candidate)])
+        if best is None or abs(ended - 0.5) < best[0]:
+            best = (abs(ended - 0.5), candidate)
+    return best[1]

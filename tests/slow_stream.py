@@ -1,17 +1,22 @@
 """A slow, obviously correct streaming reference: Python lists of retained tokens, positions
 recomputed from scratch every time, keys and values kept per token (as the real cache reuses
-them), attention in numpy. Used to check the fixed-shape cache's policy."""
+them), attention in numpy. Used to check the fixed-shape cache's policy, for every model family:
+the prompt is `stream_format`'s (Qwen3-VL: timestamps as text), a second's vision block is laid
+out by the model's position rule (`second_block`), and DeepStack features (Qwen3-VL) are added to
+the vision tokens' hidden states after the first layers, as transformers does, before the next
+layer computes their keys and values."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-import svlm_jax
-from svlm_jax.stream_format import QUERY, StreamFormat, round_query
-from svlm_jax.model import rope, text
+from svlm_jax.config import ModelConfig
+from svlm_jax.stream_format import QUERY, CachePolicy, StreamFormat, round_query
+from svlm_jax.model import rope, text, vision, vlm
 
 
 @dataclasses.dataclass
@@ -34,13 +39,27 @@ class Round:
         return [e.token for e in self.generated]
 
 
+def second_block(cfg: ModelConfig, grid, fps: int) -> tuple[list[tuple[int, int, int]], int]:
+    """One second's vision block as `forward` lays it out (`vlm.positions_for`, the model's one
+    position rule, held to transformers; Qwen3-VL: one block per temporal patch): the (t, row, col)
+    offset of each of its tokens from the block's start, and the span after which text resumes."""
+    n = int(np.prod(grid)) // cfg.vision.merge_unit
+    ids = np.array([[cfg.video_token_id] * n + [cfg.vision_end_token_id]])
+    seconds = CachePolicy(fps=fps).second_per_grid(cfg.vision.temporal_patch_size)
+    pos = vlm.positions_for(cfg, ids, video_grid_thw=np.array([grid]), second_per_grid_ts=[seconds])[0]
+    return [tuple(int(v) for v in p) for p in pos[:n]], int(pos[n, 0])
+
+
 class SlowStream:
     def __init__(self, model, tokenizer, *, text_rounds, vision_rounds, text_sink, text_window, max_new,
-                 previous_text="", query=QUERY, resume_span):
+                 previous_text="", query=QUERY, fps=2):
         self.model, self.cfg = model, model.config
-        self.fmt, self.sp = StreamFormat.from_tokenizer(tokenizer), tokenizer.special
+        stamp_frames = CachePolicy(fps=fps).stamp_frames(self.cfg)
+        self.fmt, self.sp = StreamFormat.from_tokenizer(tokenizer, stamp_frames=stamp_frames), tokenizer.special
         self.R, self.V, self.sink, self.window, self.max_new = text_rounds, vision_rounds, text_sink, text_window, max_new
-        self.query, self.has_previous, self.span = query, bool(previous_text), resume_span
+        self.query, self.has_previous, self.fps = query, bool(previous_text), fps
+        self.grid = None  # a second's vision grid, and by it the block's offsets and span (first round)
+        self.offsets, self.span = None, None
         self.head = [Entry(t) for t in self.fmt.head_ids()]
         prev = self.fmt.previous_text_ids(previous_text)
         self.previous = [Entry(t) for t in prev]  # everything ever put into the previous-text block
@@ -74,36 +93,48 @@ class SlowStream:
             p = s + self.span
         return np.array(pos, np.int64)
 
-    def _process(self, context: list[Entry], new: list[Entry], vision_feats=None) -> np.ndarray:
+    def _angles(self, pos_t3) -> np.ndarray:
+        """Rotary angles [T, H/2] from scratch: frequency i turns by the position on its M-RoPE axis
+        (the model's split of the frequencies among t, h, w; interleaved for Qwen3-VL)."""
+        cfg = self.cfg.text
+        axis_f = rope.mrope_axis(cfg.mrope_section, cfg.mrope_interleaved)
+        return pos_t3[:, axis_f] * rope.inv_freq(cfg.head_dim, cfg.rope_theta).astype(np.float64)
+
+    def _process(self, context: list[Entry], new: list[Entry], vision_feats=None, deepstack=None) -> np.ndarray:
         """Run new tokens (after `context`, or the whole `context` if `new` is empty: it then
-        fills their k/v) through the layers; returns logits of the last one."""
+        fills their k/v) through the layers; returns logits of the last one. `vision_feats` [n, D]
+        replace the embeddings of the new vision tokens; `deepstack` [S, n, D] (or None) is added to
+        their hidden states after layers 0..S-1."""
         cfg, p = self.cfg.text, self.model.params.text
         fresh = new if new else context
         old = [] if not new else context
         pos = self.positions(old + fresh)
-        angles = np.asarray(text.text_angles(cfg, jnp.asarray(pos)[None]))[0]
+        angles = self._angles(pos)
         x = np.asarray(p.embed_vd)[[e.token for e in fresh]]
+        vis = [j for j, e in enumerate(fresh) if e.vision is not None and e.token == self.sp.video_pad]
         if vision_feats is not None:
-            vis = [j for j, e in enumerate(fresh) if e.vision is not None and e.token == self.sp.video_pad]
             x[vis] = vision_feats
         x = jnp.asarray(x)[None]
         n_old = len(old)
         ks, vs = [], []
         for l in range(cfg.num_layers):
             layer = jax_tree_index(p.layers, l)
-            q, k, v = (np.asarray(a[0]) for a in text.project_qkv(cfg, layer, x))
+            q, k, v = (np.asarray(a[0]) for a in _project_qkv(cfg, layer, x))
             keys = np.concatenate([np.stack([e.k[l] for e in old]) if old else np.zeros((0,) + k.shape[1:]), k])
             vals = np.concatenate([np.stack([e.v[l] for e in old]) if old else np.zeros((0,) + v.shape[1:]), v])
             ks.append(k)
             vs.append(v)
-            q_rot = np.asarray(rope.apply_rotary(jnp.asarray(q)[None], jnp.asarray(angles[n_old:])[None]))[0]
-            k_rot = np.asarray(rope.apply_rotary(jnp.asarray(keys)[None], jnp.asarray(angles)[None]))[0]
+            q_rot, k_rot = _rotate(q, angles[n_old:]), _rotate(keys, angles)
             out = _causal_attention(q_rot, k_rot, vals, n_old)
-            x = text.finish_layer(cfg, layer, x, jnp.asarray(out)[None].astype(x.dtype))
+            x = _finish_layer(cfg, layer, x, jnp.asarray(out)[None].astype(x.dtype))
+            if deepstack is not None and l < len(deepstack):
+                x_td = np.array(x[0])
+                x_td[vis] += deepstack[l]
+                x = jnp.asarray(x_td)[None]
         for j, e in enumerate(fresh):
             e.k = np.stack([k[j] for k in ks])
             e.v = np.stack([v[j] for v in vs])
-        hidden = svlm_jax.model.vision.rms_norm(x, p.final_norm_d, cfg.rms_norm_eps)
+        hidden = vision.rms_norm(x, p.final_norm_d, cfg.rms_norm_eps)
         return np.asarray(text.logits(p, hidden))[0, -1]
 
     def round(self, i: int, rows, grid, t_start, t_end):
@@ -130,13 +161,13 @@ class SlowStream:
             prev.closing = [Entry(t) for t in closing]
             new += prev.closing
         before, after = fmt.prompt_ids(t_start, t_end, round_query(self.query, i, self.has_previous))
-        offsets = rope.vision_block_offsets(grid, self.cfg.vision.spatial_merge_size, 1.0)
-        entries = ([Entry(t) for t in before] + [Entry(sp.video_pad, tuple(int(v) for v in o)) for o in offsets]
+        self._set_grid(tuple(int(v) for v in grid))
+        entries = ([Entry(t) for t in before] + [Entry(sp.video_pad, o) for o in self.offsets]
                    + [Entry(t) for t in after])
         rnd = Round(i, entries)
         new += entries
-        feats = np.asarray(svlm_jax.encode_vision(self.model, rows, np.array([grid])))
-        first_logits = self._process(context, new, feats)
+        feats, deepstack = self._encode(rows)
+        first_logits = self._process(context, new, feats, deepstack)
         self.rounds.append(rnd)
         logits, token = first_logits, self._greedy(first_logits)
         while True:
@@ -149,6 +180,20 @@ class SlowStream:
             token = self._greedy(logits)
         return first_logits, rnd.tokens()
 
+    def _set_grid(self, grid: tuple[int, int, int]) -> None:
+        if self.grid is None:
+            self.offsets, self.span = second_block(self.cfg, grid, self.fps)
+            self.grid = grid
+        if grid != self.grid:
+            raise ValueError(f"the grid changed from {self.grid} to {grid}")
+
+    def _encode(self, rows):
+        """The vision tower on one second's rows: features [n, D] and DeepStack features [S, n, D]
+        (None for a model without DeepStack)."""
+        cfg, p = self.cfg.vision, self.model.params.vision
+        feats, deep = _encode_jit(cfg, p, jnp.asarray(rows), vision.vision_layout(cfg, [self.grid]))
+        return np.asarray(feats), None if deep is None else np.asarray(deep)
+
     def _greedy(self, logits) -> int:
         """Argmax over the tokens commentary may use (the vision placeholders never are)."""
         c = self.cfg
@@ -157,10 +202,22 @@ class SlowStream:
         return int(np.argmax(allowed))
 
 
-def jax_tree_index(tree, i):
-    import jax
+# The model's own layer pieces, compiled whole (op by op, each new length would compile every op).
+_encode_jit = jax.jit(vision.encode_with_deepstack, static_argnums=0)
+_project_qkv = jax.jit(text.project_qkv, static_argnums=0)
+_finish_layer = jax.jit(text.finish_layer, static_argnums=0)
 
+
+def jax_tree_index(tree, i):
     return jax.tree.map(lambda a: a[i], tree)
+
+
+def _rotate(x_tnh, angles_th2):
+    """Rotate-half RoPE as a complex product: dims i and i + H/2 are one complex number, turned by
+    angle i (float64)."""
+    half = x_tnh.shape[-1] // 2
+    z_tnf = (x_tnh[..., :half] + 1j * x_tnh[..., half:]) * np.exp(1j * angles_th2)[:, None]
+    return np.concatenate([z_tnf.real, z_tnf.imag], axis=-1)
 
 
 def _causal_attention(q_qnh, k_knh, v_knh, n_old):

@@ -35,10 +35,11 @@ def test_hub_layout_reads_as_preset():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_through_transformers(name):
     """Our written config is accepted by transformers' class, whose values we read back unchanged."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
     ours = preset(name)
-    cls = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen2_vl": Qwen2VLConfig, "qwen3_vl": Qwen3VLConfig}[ours.model_type]
+    cls = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen2_vl": Qwen2VLConfig, "qwen3_vl": Qwen3VLConfig,
+           "qwen3_vl_moe": Qwen3VLMoeConfig}[ours.hf_model_type]
     hf = cls(**{k: v for k, v in ours.to_dict().items() if k not in ("architectures", "model_type")})
     assert hf.text_config.hidden_size == ours.text.hidden_size
     assert hf.text_config.num_key_value_heads == ours.text.num_kv_heads
@@ -53,7 +54,7 @@ def test_presets_through_transformers(name):
     (lambda c: c.update(num_key_value_heads=5), "multiple of num_key_value_heads"),
     (lambda c: c.update(use_sliding_window=True), "use_sliding_window"),
     (lambda c: c.update(rope_scaling={"type": "yarn", "factor": 4.0}), "rope type 'yarn' is not supported"),
-    (lambda c: c.update(model_type="qwen3_vl_moe"), "'qwen3_vl_moe' is not supported"),
+    (lambda c: c.update(model_type="qwen3_5_moe"), "'qwen3_5_moe' is not supported"),
 ])
 def test_bad_configs(edit, message):
     import copy

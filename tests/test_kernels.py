@@ -65,19 +65,24 @@ def test_decode_matches_reference(q, n, m, dtype):
     assert not np.any(np.asarray(out[-1, -1], np.float32))  # the query that sees nothing
 
 
+def _prefill_case(rng, *, b, q, cache, n, m, h, dtype):
+    """A chunk of q queries against a cache of `cache` slots followed by the chunk's own slots
+    (ordered after every cache slot, in the queries' segments): causal by order."""
+    case = _cache_case(rng, b=b, q=q, k=cache + q, n=n, m=m, h=h, dtype=dtype)
+    chunk_order = cache + np.arange(q)
+    case["q_order_bq"] = jnp.asarray(np.broadcast_to(chunk_order, (b, q)), jnp.int32)
+    case["kv_order_bk"] = case["kv_order_bk"].at[:, cache:].set(chunk_order)
+    case["kv_segment_bk"] = case["kv_segment_bk"].at[:, cache:].set(case["q_segment_bq"])
+    return case
+
+
 @pytest.mark.parametrize("n, m, dtype, h", [
     (7, 1, jnp.float32, 32),    # ratio 7
     (4, 2, jnp.bfloat16, 16),   # ratio 2, bf16
 ])
 def test_prefill_matches_reference(n, m, dtype, h):
     """A chunk of 19 queries against a 40-slot cache followed by the chunk itself, causal by order."""
-    rng = np.random.default_rng(1)
-    b, q, cache = 2, 19, 40
-    case = _cache_case(rng, b=b, q=q, k=cache + q, n=n, m=m, h=h, dtype=dtype)
-    chunk_order = cache + np.arange(q)
-    case["q_order_bq"] = jnp.asarray(np.broadcast_to(chunk_order, (b, q)), jnp.int32)
-    case["kv_order_bk"] = case["kv_order_bk"].at[:, cache:].set(chunk_order)
-    case["kv_segment_bk"] = case["kv_segment_bk"].at[:, cache:].set(case["q_segment_bq"])
+    case = _prefill_case(np.random.default_rng(1), b=2, q=19, cache=40, n=n, m=m, h=h, dtype=dtype)
     out = jax.jit(functools.partial(prefill.prefill_attention, block_r=16, block_k=16,
                                     interpret=INTERPRET))(**case)
     _close(out, _cached_reference(**case), dtype)

@@ -16,7 +16,8 @@ from svlm_jax.model import params
 from svlm_jax.train import sharding, step
 from svlm_jax.train.checkpoint import abstract_params
 
-VARIANTS = [tiny(kind, tie_word_embeddings=tie) for kind in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl") for tie in (False, True)]
+VARIANTS = [tiny(kind, tie_word_embeddings=tie) for kind in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
+            for tie in (False, True)]
 MESH = AbstractMesh((1, 2, 4), sharding.MESH_AXES)  # tiny: 4 query heads, 2 KV heads (not split over 4)
 
 
@@ -46,7 +47,8 @@ DECAYED = {"vision.patch_w_pc", "vision.blocks.qkv_w_lc3nh", "vision.blocks.proj
            "vision.blocks.up_w_lcf", "vision.blocks.down_w_lfc", "vision.merger_fc1_w_ee", "vision.merger_fc2_w_ed",
            "text.embed_vd", "text.layers.q_w_ldnh", "text.layers.k_w_ldkh", "text.layers.v_w_ldkh",
            "text.layers.o_w_lnhd", "text.layers.gate_w_ldf", "text.layers.up_w_ldf", "text.layers.down_w_lfd",
-           "text.lm_head_dv", "vision.pos_embed_qc", "vision.deepstack.fc1_w_see", "vision.deepstack.fc2_w_sed"}
+           "text.lm_head_dv", "vision.pos_embed_qc", "vision.deepstack.fc1_w_see", "vision.deepstack.fc2_w_sed",
+           "text.layers.router_w_ldx", "text.layers.expert_gate_up_w_lxdg", "text.layers.expert_down_w_lxfd"}
 NORM_WEIGHTS = {"vision.blocks.norm1_w_lc", "vision.blocks.norm2_w_lc", "vision.merger_norm_w_c",
                 "text.layers.attn_norm_ld", "text.layers.mlp_norm_ld", "text.final_norm_d",
                 "vision.deepstack.norm_w_se", "text.layers.q_norm_lh", "text.layers.k_norm_lh"}

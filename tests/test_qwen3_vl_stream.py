@@ -1,7 +1,8 @@
 """Streaming a Qwen3-VL model: DeepStack at prefill, timestamps as text, 16-px patches.
 
-The oracle is `svlm_jax.forward` over the whole sequence (tests/test_qwen3_vl.py holds it to
-transformers' Qwen3VLForConditionalGeneration), while nothing has left the cache.
+The oracles are `svlm_jax.forward` over the whole sequence (tests/test_qwen3_vl.py holds it to
+transformers' Qwen3VLForConditionalGeneration) while nothing has left the cache, and the slow
+reference `tests/slow_stream.py` through eviction.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import pytest
 import svlm_jax
 from svlm_jax import cli
 from svlm_jax.media.preprocess import VisionPreprocessConfig
-from svlm_jax.stream_format import CachePolicy, StreamFormat, round_user_text
+from svlm_jax.stream_format import CachePolicy, StreamFormat, round_query, round_user_text
 from svlm_jax.streaming import SamplingConfig, StreamConfig, StreamingSession
 from svlm_jax.tokenizer import Tokenizer
-from tests.conftest import random_stream_model
+from tests.conftest import end_prone, random_stream_model
 from tests.test_cli import read_jsonl, write_mp4
 from tests.test_qwen3_vl import HUB_VIDEO_PREPROCESSOR
 
@@ -75,6 +76,47 @@ def test_logits_equal_forward_before_eviction(qwen3_model, stream_tokenizer, rng
     scale = np.abs(ref).max()
     for index, logits in expected:
         assert np.abs(logits - ref[index]).max() <= 1e-4 * scale, f"token {index} of {len(seq)}"
+
+
+def test_policy_matches_slow_reference(qwen3_model, stream_tokenizer, rng):
+    """>= 100 rounds with windows small enough that the sink fills, the text ring wraps, vision and
+    rounds expire: same greedy tokens, retained ids, positions (also `forward`'s rule over the
+    retained tokens) and first-token logits as the slow reference."""
+    from svlm_jax.model import vlm
+    from tests.slow_stream import SlowStream
+
+    knobs = dict(text_rounds=3, text_sink=5, text_window=7)
+    policy = CachePolicy(vision_window_s=2, max_new_tokens=4, **knobs)
+    cfg = StreamConfig(policy, sampling=GREEDY, previous_text="Red 1 Blue 0.")
+    model = end_prone(qwen3_model, stream_tokenizer, cfg, functools.partial(random_second, qwen3_model))
+    session = StreamingSession(model, stream_tokenizer, cfg)
+    slow = SlowStream(model, stream_tokenizer, vision_rounds=2, max_new=4, previous_text=cfg.previous_text,
+                      fps=policy.fps, **knobs)
+    sp, scale, ended, rounds = stream_tokenizer.special, None, 0, 104
+    for i in range(rounds):
+        rows, grid = random_second(model, rng)
+        session.step_batch([(rows, grid)], [float(i)], [float(i + 1)], collect_logits=True)
+        out = session.last_output
+        gen = [int(t) for t in np.asarray(out.tokens_bm)[0, :int(out.n_gen_b[0])]]
+        logits_ref, gen_ref = slow.round(i, rows, GRID, float(i), float(i + 1))
+        assert gen == gen_ref, f"round {i}"
+        ended += gen[-1] == sp.im_end
+        pre = np.asarray(out.prefill_logits_bqv)[0]
+        n_after = len(session.format.prompt_ids(0.0, 1.0, round_query(cfg.query, i, bool(cfg.previous_text)))[1])
+        last = session.layout.slots.prefill_offset(("current", "after")) + n_after - 1
+        scale = scale or np.abs(logits_ref).max()
+        assert np.abs(pre[last] - logits_ref).max() <= 1e-4 * scale, f"round {i}"
+        view, retained = session.cache_view(), slow.retained()
+        ids = [e.token for e in retained]
+        assert [c.token_id for c in view] == ids, f"round {i}"
+        positions = slow.positions(retained)
+        assert np.array_equal(np.array([c.position for c in view]), positions), f"round {i}"
+        n_blocks = ids.count(sp.video_pad) // (int(np.prod(GRID)) // 4)
+        forward_rule = vlm.positions_for(model.config, np.array([ids]), video_grid_thw=np.array([GRID] * n_blocks))
+        assert np.array_equal(forward_rule[0], positions), f"round {i}"
+    assert 5 <= ended <= rounds - 5, ended  # both ways a round ends are exercised
+    assert len(slow.previous) > 5 + 7  # the sink filled and the window wrapped
+    assert n_blocks == 2 and len(slow.rounds) == 3  # vision and rounds expired
 
 
 def test_rounds_with_eviction(qwen3_model, stream_tokenizer, rng):

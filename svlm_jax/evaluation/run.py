@@ -215,7 +215,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.fps % preprocess.temporal_patch_size:
             raise cli.CliError(f"--fps must be a multiple of the model's temporal patch size "
                                f"({preprocess.temporal_patch_size}), got {args.fps}")
-        model = load_pretrained(args.model, dtype=args.dtype)
+        model = load_pretrained(args.model, dtype=cli.run_dtype(args.dtype))
         config = stream_config(args, tokenizer, policy)
         try:
             session = cli.make_session(args, model, tokenizer, config, preprocess)

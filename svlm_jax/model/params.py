@@ -1,11 +1,14 @@
 """Parameter pytrees: dataclasses of arrays, per-layer weights stacked on a leading layer axis.
 
 Axis letters in field names document the shapes (`param_shapes`): L layers, D text hidden, N query
-heads, K kv heads, H head dim, F MLP width, V vocab, C vision channels, P patch values (1176, 1536 for
+heads, K kv heads, H head dim, F MLP width (an expert's, moe_intermediate_size, in a MoE), X experts,
+G = 2F (an expert's gate then up columns), V vocab, C vision channels, P patch values (1176, 1536 for
 Qwen3-VL), E merger width (4C), Q rows of the learned position table, S DeepStack levels. Matrices are stored
 [in, out]. Fields that a variant lacks are None (Qwen2-VL has no gate, LayerNorm biases only in
 Qwen2-VL and Qwen3-VL, q/k/v biases only in Qwen2, q/k norms, patch bias, position table and
-DeepStack mergers only in Qwen3-VL, tied embeddings have no separate head).
+DeepStack mergers only in Qwen3-VL, tied embeddings have no separate head; a MoE has the router and
+experts instead of the dense MLP). The experts are stored as the hub's checkpoints hold them
+(gate and up fused, [X, D, 2F]), the layout `jax.lax.ragged_dot` takes.
 
 What each parameter is for training (its logical axes, which train/sharding.py maps to mesh axes,
 its initialisation and whether AdamW decays it) is `PARAM_RULES`, keyed by the parameter's dotted
@@ -82,11 +85,14 @@ class TextLayers:
     v_b_lkh: jax.Array | None
     o_w_lnhd: jax.Array
     mlp_norm_ld: jax.Array
-    gate_w_ldf: jax.Array
-    up_w_ldf: jax.Array
-    down_w_lfd: jax.Array
+    gate_w_ldf: jax.Array | None
+    up_w_ldf: jax.Array | None
+    down_w_lfd: jax.Array | None
     q_norm_lh: jax.Array | None = None
     k_norm_lh: jax.Array | None = None
+    router_w_ldx: jax.Array | None = None
+    expert_gate_up_w_lxdg: jax.Array | None = None
+    expert_down_w_lxfd: jax.Array | None = None
 
 
 @struct.dataclass
@@ -139,6 +145,7 @@ def param_shapes(config: ModelConfig) -> Params:
     Lt, D, Nq, K, Ht, Ft, V = (t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim,
                                t.intermediate_size, t.vocab_size)
     bias = t.qkv_bias
+    X, Fx, dense = t.num_experts, t.moe_intermediate_size, not t.num_experts
     text = TextParams(
         embed_vd=(V, D),
         layers=TextLayers(
@@ -146,8 +153,11 @@ def param_shapes(config: ModelConfig) -> Params:
             k_w_ldkh=(Lt, D, K, Ht), k_b_lkh=(Lt, K, Ht) if bias else None,
             v_w_ldkh=(Lt, D, K, Ht), v_b_lkh=(Lt, K, Ht) if bias else None,
             o_w_lnhd=(Lt, Nq, Ht, D), mlp_norm_ld=(Lt, D),
-            gate_w_ldf=(Lt, D, Ft), up_w_ldf=(Lt, D, Ft), down_w_lfd=(Lt, Ft, D),
-            q_norm_lh=(Lt, Ht) if t.qk_norm else None, k_norm_lh=(Lt, Ht) if t.qk_norm else None),
+            gate_w_ldf=(Lt, D, Ft) if dense else None, up_w_ldf=(Lt, D, Ft) if dense else None,
+            down_w_lfd=(Lt, Ft, D) if dense else None,
+            q_norm_lh=(Lt, Ht) if t.qk_norm else None, k_norm_lh=(Lt, Ht) if t.qk_norm else None,
+            router_w_ldx=None if dense else (Lt, D, X), expert_gate_up_w_lxdg=None if dense else (Lt, X, D, 2 * Fx),
+            expert_down_w_lxfd=None if dense else (Lt, X, Fx, D)),
         final_norm_d=(D,), lm_head_dv=None if t.tie_word_embeddings else (D, V),
     )
     return Params(vision=vision, text=text)
@@ -225,6 +235,12 @@ PARAM_RULES: dict[str, ParamRule] = {
     "text.layers.gate_w_ldf": _weight("layers", "embed", "mlp"),
     "text.layers.up_w_ldf": _weight("layers", "embed", "mlp"),
     "text.layers.down_w_lfd": _weight("layers", "mlp", "embed"),
+    # The experts: split like the dense MLP's matrices (D over fsdp, F over tensor); the expert axis
+    # has its own rule. The fused [gate | up] columns split in contiguous blocks, so a tensor shard may
+    # hold gate columns whose up columns are on another: the partitioner pairs the activations.
+    "text.layers.router_w_ldx": _weight("layers", "embed", "experts"),
+    "text.layers.expert_gate_up_w_lxdg": _weight("layers", "experts", "embed", "mlp"),
+    "text.layers.expert_down_w_lxfd": _weight("layers", "experts", "mlp", "embed"),
     "text.layers.q_norm_lh": _norm_weight("layers", "head_dim"),
     "text.layers.k_norm_lh": _norm_weight("layers", "head_dim"),
     "text.final_norm_d": _norm_weight("embed"),

@@ -2,10 +2,11 @@
 
 A decoder layer is split in two so the streaming engine can put its cache between them:
 `project_qkv` (norm, q/k/v with bias for Qwen2, per-head q/k RMSNorm for Qwen3) and `finish_layer`
-(output projection, residual, SwiGLU MLP). Rotary is applied by the caller (the engine caches keys
-before rotation). Qwen3-VL's DeepStack adds vision features to the output of the first layers
-(`add_deepstack`). Axes: B batch, T tokens, D hidden, N query heads, K kv heads, H head dim, V vocab,
-S DeepStack levels.
+(output projection, residual, SwiGLU MLP or, in Qwen3-VL-MoE, the sparse mixture of SwiGLU experts).
+Rotary is applied by the caller (the engine caches keys before rotation). Qwen3-VL's DeepStack adds
+vision features to the output of the first layers (`add_deepstack`). Axes: B batch, T tokens, D hidden,
+N query heads, K kv heads, H head dim, V vocab, S DeepStack levels, F MLP width, X experts, M tokens
+flat (B*T), R routed rows (M * experts per token), G an expert's gate and up columns (2F).
 """
 
 from __future__ import annotations
@@ -40,9 +41,40 @@ def finish_layer(cfg: TextConfig, layer: TextLayers, x_btd, attn_btnh):
     o_w_ed = layer.o_w_lnhd.reshape(n * h, -1)
     x_btd = x_btd + jnp.einsum("BTE,ED->BTD", attn_btnh.reshape(b, t, n * h), o_w_ed)
     h = rms_norm(x_btd, layer.mlp_norm_ld, cfg.rms_norm_eps)
+    if cfg.num_experts:
+        return x_btd + experts_mlp(cfg, layer, h)
     gate = jnp.einsum("BTD,DF->BTF", h, layer.gate_w_ldf)
     up = jnp.einsum("BTD,DF->BTF", h, layer.up_w_ldf)
     return x_btd + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.down_w_lfd)
+
+
+def route(cfg: TextConfig, router_w_dx, x_md):
+    """The experts of each token and their weights, as transformers' Qwen3-VL-MoE router: softmax of
+    the router logits in float32, the top `num_experts_per_tok`, renormalised to sum to 1 (then in
+    the activations' dtype). Returns (expert ids [M, k] int32, weights [M, k])."""
+    logits_mx = jnp.einsum("MD,DX->MX", x_md, router_w_dx)
+    probs_mx = jax.nn.softmax(logits_mx.astype(jnp.float32), axis=-1)
+    top_mk, expert_mk = jax.lax.top_k(probs_mx, cfg.num_experts_per_tok)
+    return expert_mk, (top_mk / jnp.sum(top_mk, axis=-1, keepdims=True)).astype(x_md.dtype)
+
+
+def experts_mlp(cfg: TextConfig, layer: TextLayers, h_btd):
+    """The sparse MoE block [B, T, D]: each token through its routed SwiGLU experts, summed with its
+    routing weights. The (token, expert) rows are sorted by expert so that each expert's rows are
+    contiguous, and `jax.lax.ragged_dot` multiplies each group by its expert's weights only: the
+    work is that of the routed rows, not of every expert on every token."""
+    b, t, d = h_btd.shape
+    k = cfg.num_experts_per_tok
+    x_md = h_btd.reshape(b * t, d)
+    expert_mk, weight_mk = route(cfg, layer.router_w_ldx, x_md)
+    expert_r = expert_mk.reshape(-1)
+    order_r = jnp.argsort(expert_r)  # row r of the sorted rows is (token order_r[r] // k, its choice)
+    group_sizes_x = jnp.bincount(expert_r, length=cfg.num_experts).astype(jnp.int32)
+    gate_up_rg = jax.lax.ragged_dot(x_md[order_r // k], layer.expert_gate_up_w_lxdg, group_sizes_x)
+    gate_rf, up_rf = jnp.split(gate_up_rg, 2, axis=-1)
+    y_rd = jax.lax.ragged_dot(jax.nn.silu(gate_rf) * up_rf, layer.expert_down_w_lxfd, group_sizes_x)
+    y_mkd = jnp.zeros_like(y_rd).at[order_r].set(y_rd, unique_indices=True).reshape(b * t, k, d)
+    return jnp.einsum("MKD,MK->MD", y_mkd, weight_mk).reshape(b, t, d)
 
 
 def text_angles(cfg: TextConfig, positions_bt3):
@@ -63,7 +95,7 @@ def decode_hidden(cfg: TextConfig, params: TextParams, x_btd, positions_bt3, seg
                   deepstack_sbtd=None, remat: bool = False, remat_policy=None, attention_backend: str = "auto"):
     """All decoder layers over full sequences (no cache) and the final norm: hidden [B, T, D].
 
-    Attention: causal in `order_bt`, within equal `segment_bt` (0 = padding), by
+    Attention: causal in `order_bt` (None: by index in the row), within equal `segment_bt` (0 = padding), by
     `kernels_pallas.causal_attention` on `attention_backend` (differentiable with every backend).
     `deepstack_sbtd` (Qwen3-VL with vision, else None): features added after each of the first S layers.
     `remat` rematerialises each layer in the backward pass (training), keeping what the jax.checkpoint

@@ -65,8 +65,7 @@ def embed(model: Model, input_ids_bt, rows_pv=None, layout: vision.VisionLayout 
 @jax.jit
 def _forward_jit(model: Model, input_ids_bt, positions_bt3, segment_bt, rows_pv, layout):
     x_btd, deepstack_sbtd = embed_with_deepstack(model, input_ids_bt, rows_pv, layout)
-    order_bt = jnp.broadcast_to(jnp.arange(input_ids_bt.shape[1], dtype=jnp.int32), input_ids_bt.shape)
-    hidden = text.decode_hidden(model.config.text, model.params.text, x_btd, positions_bt3, segment_bt, order_bt,
+    hidden = text.decode_hidden(model.config.text, model.params.text, x_btd, positions_bt3, segment_bt, None,
                                 deepstack_sbtd=deepstack_sbtd)
     return text.logits(model.params.text, hidden)
 

@@ -45,6 +45,9 @@ class ShardingRules:
     kv_heads: str | None = "tensor"
     head_dim: str | None = None
     mlp: str | None = "tensor"
+    # A MoE's expert axis: replicated (each device runs every expert on its own tokens, no dispatch
+    # between devices); the experts' matrices are still split over fsdp (D) and tensor (F).
+    experts: str | None = None
     vision_layers: str | None = None
     vision_patch: str | None = None
     vision_embed: str | None = None

@@ -191,8 +191,7 @@ def loss_sums(spec: StepSpec, params: Params, ids_bt, targets_bt, positions_bt3,
         if deepstack_bs1td is not None:
             deepstack_sbtd = jnp.swapaxes(deepstack_bs1td[:, :, 0], 0, 1)
     x_btd = sharding.constrain(x_btd, sharding.BATCH_AXES)
-    order_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
-    hidden = text.decode_hidden(cfg.text, p.text, x_btd, positions_bt3, segment_bt, order_bt,
+    hidden = text.decode_hidden(cfg.text, p.text, x_btd, positions_bt3, segment_bt, None,
                                 deepstack_sbtd=deepstack_sbtd, remat=spec.remat,
                                 remat_policy=REMAT_POLICIES[spec.remat_policy])
     return nll_sums(p.text, hidden, targets_bt, spec.loss_chunk)
